@@ -1,0 +1,1 @@
+"""Deita scorers: prompts, backends, the scorer and the Ray Data scoring pipeline."""

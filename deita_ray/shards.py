@@ -1,0 +1,69 @@
+"""Output directories made of idempotent shards: data written atomically, a marker written last.
+
+Layout under a stage directory DIR:
+    DIR/config.json            the config that made it (resume refuses a different one)
+    DIR/<kind>/<unit>.parquet  data shards (e.g. scored/, rejects/)
+    DIR/_done/<unit>.json      completion marker with the unit's counts; a unit without one is redone
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from deita_ray import io
+
+MARKER_DIR = "_done"
+
+
+class ConfigMismatchError(RuntimeError):
+    """The output directory was made with a different config."""
+
+
+def marker_path(root: str, unit_id: str) -> str:
+    return f"{root}/{MARKER_DIR}/{unit_id}.json"
+
+
+def completed_units(root: str) -> set[str]:
+    return {path.rsplit("/", 1)[-1][: -len(".json")] for path in io.list_files(f"{root}/{MARKER_DIR}", ".json")}
+
+
+def read_markers(root: str) -> list[dict[str, Any]]:
+    return [io.read_json(path) for path in io.list_files(f"{root}/{MARKER_DIR}", ".json")]
+
+
+def write_unit(root: str, unit_id: str, tables: dict[str, pa.Table], counts: dict[str, Any]) -> None:
+    """Write each table to ROOT/<name>/<unit>.parquet, then the marker. Re-running is harmless."""
+    for name, table in tables.items():
+        io.atomic_write_bytes(f"{root}/{name}/{unit_id}.parquet", io.table_to_parquet_bytes(table))
+    io.atomic_write_json(marker_path(root, unit_id), counts)
+
+
+def claim_output(root: str, fingerprint: dict[str, Any], full_config: dict[str, Any], overwrite: bool,
+                 owned: tuple[str, ...]) -> None:
+    """Record the config of a new output dir, accept the same one again, refuse (or, with overwrite,
+    wipe the `owned` entries of) a different one."""
+    path = f"{root}/config.json"
+    if io.exists(path):
+        previous = io.read_json(path)
+        if previous.get("fingerprint") == fingerprint:
+            return
+        changed = sorted(
+            key for key in set(fingerprint) | set(previous.get("fingerprint", {}))
+            if fingerprint.get(key) != previous.get("fingerprint", {}).get(key)
+        )
+        if not overwrite:
+            raise ConfigMismatchError(
+                f"{root} was made with a different config (changed: {', '.join(changed)}); use a new "
+                "output directory or pass --overwrite to replace it"
+            )
+        for entry in owned + ("config.json",):
+            io.remove_tree(f"{root}/{entry}")
+    io.ensure_dir(root)
+    io.atomic_write_json(path, {"fingerprint": fingerprint, "config": full_config})
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, default=str)
