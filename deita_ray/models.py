@@ -39,7 +39,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last into a converted model directory; its content identifies the source and the recipe, so a
 # different GGUF (package upgrade) or a changed recipe triggers a fresh conversion.
 CONVERTED_MARKER = ".deita_ray_converted.json"
-_CONVERSION_FORMAT = 1
+_CONVERSION_FORMAT = 2
 _SMOLLM2_DTYPE = "bfloat16"
 
 TINY_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, LLaMA order plus a real pad token
@@ -168,7 +168,7 @@ def build_tiny_llama(
             model = LlamaForCausalLM(config).to(torch.float32)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _set_tokenizer_class(tmp)
+        _fix_tokenizer_config(tmp)
         _publish(tmp, path, complete=lambda: (path / "config.json").exists())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -243,16 +243,20 @@ def _with_byte_tokens(tokenizer: Any) -> Any:
     return Tokenizer.from_str(json.dumps(data))
 
 
-def _set_tokenizer_class(model_dir: Path) -> None:
-    """Record the portable ``PreTrainedTokenizerFast`` class name in ``tokenizer_config.json``.
+def _fix_tokenizer_config(model_dir: Path, **updates: Any) -> None:
+    """Make the saved ``tokenizer_config.json`` portable.
 
-    transformers 5 writes its new ``TokenizersBackend`` name, which transformers 4.x (still allowed by
-    the project's dependency range, e.g. next to a CUDA vLLM) cannot resolve. transformers 5 maps
-    ``PreTrainedTokenizerFast`` back to the same class, so the directory loads everywhere.
+    * ``tokenizer_class`` becomes ``PreTrainedTokenizerFast``: transformers 5 writes its new
+      ``TokenizersBackend`` name, which transformers 4.x (still allowed by the project's dependency
+      range, e.g. next to a CUDA vLLM) cannot resolve; transformers 5 maps the old name to the same class.
+    * ``is_local`` / ``local_files_only`` are loading-time flags transformers 5 leaks into the file.
     """
     config_path = model_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.update(updates)
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -386,10 +390,11 @@ def _convert_smollm2(out_dir: Path) -> None:
 
     gguf_model, tokenizer = load_smollm2_gguf()
     config = gguf_model.config
-    # Drop the GGUF loading artefact so the saved config describes a plain (unquantised) checkpoint.
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    config._name_or_path = SMOLLM2_NAME
+    # Drop the GGUF loading artefacts so the saved config describes a plain (unquantised) checkpoint
+    # (``_model_name_or_path`` is the GGUF's internal training-run name).
+    for attribute in ("quantization_config", "_model_name_or_path"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
     if not config.max_position_embeddings or config.max_position_embeddings > 1 << 20:
         config.max_position_embeddings = 8192  # SmolLM2's trained context
     config.dtype = _SMOLLM2_DTYPE
@@ -402,7 +407,8 @@ def _convert_smollm2(out_dir: Path) -> None:
     model.generation_config = gguf_model.generation_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    _set_tokenizer_class(out_dir)
+    # The GGUF gives no tokenizer length limit (transformers then writes 1e30); use the model's context.
+    _fix_tokenizer_config(out_dir, model_max_length=config.max_position_embeddings)
 
 
 def minilm_path() -> Path:

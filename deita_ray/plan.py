@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -74,16 +75,18 @@ def iter_source_rows(kind: str, path: str, first_row: int = 0, n_rows: int | Non
                      byte_start: int = 0, byte_end: int | None = None) -> Iterator[SourceRow]:
     """Rows of a jsonl or parquet source, parsed, each with its row index in the file."""
     if kind == "parquet":
-        parquet = pq.ParquetFile(io.filesystem(path)[0].open(io.filesystem(path)[1], "rb"))
-        stop = parquet.metadata.num_rows if n_rows is None else first_row + n_rows
-        row = 0
-        for batch in parquet.iter_batches(batch_size=1024):
-            if row >= stop:
-                break
-            for value in batch.to_pylist():
-                if first_row <= row < stop:
-                    yield SourceRow(row, json.dumps(value, ensure_ascii=False, default=str), value=value)
-                row += 1
+        fs, inner = io.filesystem(path)
+        with fs.open(inner, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            stop = parquet.metadata.num_rows if n_rows is None else first_row + n_rows
+            row = 0
+            for batch in parquet.iter_batches(batch_size=1024):
+                if row >= stop:
+                    break
+                for value in batch.to_pylist():
+                    if first_row <= row < stop:
+                        yield SourceRow(row, json.dumps(value, ensure_ascii=False, default=str), value=value)
+                    row += 1
         return
     row = first_row
     for offset, line in io.iter_lines(path, byte_start, byte_end):
@@ -100,8 +103,11 @@ def iter_source_rows(kind: str, path: str, first_row: int = 0, n_rows: int | Non
 
 def stage_json_array(path: str, staged_path: str) -> None:
     """Rewrite one JSON array file as JSONL (one element per line, element index = row)."""
-    with io.filesystem(path)[0].open(io.filesystem(path)[1], "rb") as handle:
-        items = json.load(handle)
+    with fsspec.open(path, "rb", compression="infer") as handle:  # .json.gz too
+        try:
+            items = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not a valid JSON array file ({exc})") from exc
     if not isinstance(items, list):
         items = [items]
     lines = [json.dumps(item, ensure_ascii=False) for item in items]

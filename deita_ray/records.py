@@ -108,6 +108,13 @@ def _turns_from_alpaca(row: dict) -> list[dict[str, str]] | Reject:
     return turns
 
 
+def _first_not_none(item: dict, *keys: str) -> Any:
+    for key in keys:
+        if item.get(key) is not None:
+            return item[key]
+    return None
+
+
 def _turns_from_list(row: dict, fmt: str) -> list[dict[str, str]] | Reject:
     field, role_key, content_key = (
         ("conversations", "from", "value") if fmt == "sharegpt" else ("messages", "role", "content")
@@ -123,9 +130,10 @@ def _turns_from_list(row: dict, fmt: str) -> list[dict[str, str]] | Reject:
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             return Reject(RejectReason.NON_STRING_FIELD, f"{field}[{i}] is {type(item).__name__}")
-        # Accept either spelling inside a file: ShareGPT dumps mix from/value and role/content.
-        role = item.get(role_key, item.get("role" if role_key == "from" else "from"))
-        content = item.get(content_key, item.get("content" if content_key == "value" else "value"))
+        # Accept either spelling inside a file: ShareGPT dumps mix from/value and role/content. A null
+        # counts as absent (Parquet structs of such files carry both spellings, the unused one null).
+        role = _first_not_none(item, role_key, "role" if role_key == "from" else "from")
+        content = _first_not_none(item, content_key, "content" if content_key == "value" else "value")
         if role is None:
             return Reject(RejectReason.MISSING_FIELD, f"{field}[{i}] has no {role_key!r}")
         if content is None:

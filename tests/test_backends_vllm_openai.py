@@ -1,0 +1,385 @@
+"""vLLM engine and OpenAI-endpoint scorer backends against a one-prompt-at-a-time transformers reference.
+
+Integration tests use a tiny random Llama (float32) with a real vLLM engine and a real local
+`vllm.entrypoints.openai.api_server`. The server is started when this module starts (in the
+background), so its ~35 s start-up overlaps the offline engine test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from deita_ray.config import OpenAIBackendConfig, VLLMBackendConfig
+from deita_ray.scoring.prompts import complexity_prompt, derive_digit_tokens, expected_score, quality_prompt
+
+MAX_MODEL_LEN = 256
+SERVER_START_TIMEOUT_S = 120
+API_KEY_ENV = "DEITA_RAY_TEST_ENDPOINT_KEY"
+API_KEY = "sk-test-do-not-print-7f3c9a2e51"
+
+SAMPLES = [
+    ("How do I reverse a linked list in Python?", "Walk the list and flip each next pointer."),
+    ("Write a haiku about the sea.", "Waves fold into foam,\nsalt wind carries gull voices,\nthe tide keeps its time."),
+    ("What is 2+2?", "4"),
+    ("Explain gravity to a child, then give three everyday examples and one experiment to try.", ""),
+]
+
+
+# --- tiny model --------------------------------------------------------------------------------------
+def _build_tiny_llama(path: Path, seed: int = 0) -> Path:
+    """Fallback until `deita_ray.models.build_tiny_llama` / the `tiny_llama` fixture exist."""
+    import random
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(400)]
+    corpus = [complexity_prompt(q) for q, _ in SAMPLES] + [quality_prompt(q, a) for q, a in SAMPLES]
+    corpus += [" ".join(rng.choice(words) for _ in range(40)) + " 0123456789" for _ in range(200)]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
+    tokenizer.train_from_iterator(corpus, trainer)
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=len(fast), max_position_embeddings=512, bos_token_id=bos,
+        eos_token_id=tokenizer.token_to_id("</s>"), pad_token_id=tokenizer.token_to_id("<pad>"),
+    )
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(request, tmp_path_factory) -> Path:
+    try:
+        model = request.getfixturevalue("tiny_llama")
+    except pytest.FixtureLookupError:
+        return _build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+    return Path(getattr(model, "path", model))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def digits(tokenizer):
+    return derive_digit_tokens(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer) -> list[list[int]]:
+    texts = [complexity_prompt(q) for q, _ in SAMPLES] + [quality_prompt(q, a) for q, a in SAMPLES]
+    ids = [tokenizer(text)["input_ids"] for text in texts]
+    assert all(p[0] == tokenizer.bos_token_id for p in ids) and all(len(p) < MAX_MODEL_LEN for p in ids)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def reference_scores(model_dir, prompt_ids, digits) -> list[float]:
+    """Plain transformers, one prompt at a time: softmax of logits[-1] over the six digits, Σ k·p_k."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    scores = []
+    with torch.inference_mode():
+        for ids in prompt_ids:
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+            probs = torch.softmax(logits[list(digits.ids)], dim=-1)
+            scores.append(float(sum((k + 1) * p for k, p in enumerate(probs.tolist()))))
+    return scores
+
+
+def _logsumexp(values):
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- real vLLM server (started at module start, waited for in the endpoint test) ----------------------
+class _Server:
+    def __init__(self, model_dir: Path, log_path: Path) -> None:
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.log_path = log_path
+        env = dict(os.environ, VLLM_API_KEY=API_KEY, HF_HUB_OFFLINE="1")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        command = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
+            "--host", "127.0.0.1", "--port", str(self.port), "--logprobs-mode", "processed_logprobs",
+        ]
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        # Own session/process group: stop() ends the server and its engine-core children together.
+        self.proc = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def wait_healthy(self, timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"vLLM server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"vLLM server not healthy after {timeout_s}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        try:  # engine-core children left behind in the group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def vllm_server(model_dir, tmp_path_factory):
+    server = _Server(model_dir, tmp_path_factory.mktemp("vllm_server") / "server.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --- (a) offline vLLM engine -------------------------------------------------------------------------
+@pytest.mark.integration
+def test_vllm_backend_matches_transformers(model_dir, tokenizer, digits, prompt_ids, reference_scores):
+    from deita_ray.scoring.backends import backend_class
+
+    backend = backend_class("vllm")(
+        str(model_dir), VLLMBackendConfig(enforce_eager=True), tokenizer=tokenizer, digits=digits,
+        dtype="auto", max_model_len=MAX_MODEL_LEN, batch_size=4,
+    )
+    backend.setup()
+    try:
+        assert backend.logprobs_mode == "processed_logprobs"
+        too_long = [tokenizer.bos_token_id] + [5] * MAX_MODEL_LEN
+        values = backend.digit_values(prompt_ids + [too_long])
+        assert backend.digit_values([]) == []
+    finally:
+        backend.teardown()
+    assert isinstance(values[-1], str) and "max_model_len" in values[-1]
+    for got, want in zip(values[:-1], reference_scores):
+        assert not isinstance(got, str), got
+        # processed_logprobs: log-softmax over the six digits only, so they sum to probability 1.
+        assert abs(_logsumexp(got)) < 1e-4
+        assert abs(expected_score(got) - want) <= 1e-4
+
+
+# --- (b) OpenAI-compatible endpoint (real local vLLM server) -----------------------------------------
+def _openai_backend(model_dir, tokenizer, digits, base_url, **config):
+    from deita_ray.scoring.backends import backend_class
+
+    config = OpenAIBackendConfig(base_url=base_url, api_key_env=API_KEY_ENV, **config)
+    backend = backend_class("openai")(
+        str(model_dir), config, tokenizer=tokenizer, digits=digits, dtype="auto",
+        max_model_len=MAX_MODEL_LEN, batch_size=3,
+    )
+    backend.setup()
+    return backend
+
+
+@pytest.mark.integration
+def test_openai_backend_against_vllm_server(
+    vllm_server, model_dir, tokenizer, digits, prompt_ids, reference_scores, monkeypatch, capfd, caplog
+):
+    from deita_ray.scoring.backends.openai_endpoint import EndpointError
+
+    vllm_server.wait_healthy()
+    monkeypatch.setenv(API_KEY_ENV, API_KEY)
+    caplog.set_level("DEBUG")
+    backend = _openai_backend(model_dir, tokenizer, digits, vllm_server.base_url, max_concurrency=2)
+    # 8 prompts in requests of 3 (3+3+2), two in flight: every choice must land on its own prompt.
+    values = backend.digit_values(prompt_ids)
+    for got, want in zip(values, reference_scores):
+        assert not isinstance(got, str), got
+        assert abs(_logsumexp(got)) < 1e-4  # the server's processed log-probs: six digits only
+        assert abs(expected_score(got) - want) <= 1e-4
+    reversed_values = backend.digit_values(prompt_ids[::-1])
+    for got, want in zip(reversed_values, values[::-1]):
+        assert got == pytest.approx(want, abs=1e-5)
+
+    # A bad request (model the server does not serve) fails at once, with the server's reason.
+    wrong = _openai_backend(
+        model_dir, tokenizer, digits, vllm_server.base_url,
+        served_model_names={str(model_dir): "no-such-model"}, max_retries=5,
+    )
+    started = time.monotonic()
+    with pytest.raises(EndpointError, match=r"HTTP 404.*no-such-model") as excinfo:
+        wrong.digit_values(prompt_ids[:2])
+    assert time.monotonic() - started < 5  # not retried
+    assert "not retried" in str(excinfo.value)
+
+    # A wrong key is a 401: also not retried, and neither key shows up anywhere.
+    monkeypatch.setenv(API_KEY_ENV, "sk-wrong-" + API_KEY[::-1])
+    with pytest.raises(EndpointError, match="HTTP 401") as auth_excinfo:
+        backend.digit_values(prompt_ids[:1])
+    captured = capfd.readouterr()
+    for secret in (API_KEY, "sk-wrong-" + API_KEY[::-1]):
+        for text in (captured.out, captured.err, caplog.text, str(excinfo.value), repr(excinfo.value),
+                     str(auth_excinfo.value)):
+            assert secret not in text
+
+
+# --- OpenAI backend without a model: scripted fake endpoint ------------------------------------------
+class _FakeEndpoint:
+    """Replies from a script: (status, body) per request; records the request bodies."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.requests: list[dict] = []
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server API
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                endpoint.requests.append(body)
+                status, payload = endpoint.script.pop(0) if endpoint.script else (500, {"error": "script ended"})
+                if callable(payload):
+                    payload = payload(body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _completion(body, digit_ids, reverse=False, drop_digit=None):
+    """A vLLM-style reply: choice i has digit log-probs i*0.1 - k (so each prompt is recognisable)."""
+    choices = []
+    for index, _ in enumerate(body["prompt"]):
+        top = {f"token_id:{t}": index * 0.1 - k for k, t in enumerate(digit_ids) if t != drop_digit}
+        choices.append({"index": index, "text": "1", "finish_reason": "length",
+                        "logprobs": {"tokens": ["token_id:1"], "token_logprobs": [0.0], "top_logprobs": [top],
+                                     "text_offset": [0]}})
+    if reverse:
+        choices.reverse()
+    return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"], "choices": choices}
+
+
+def _fake_backend(endpoint, digits, **config):
+    from deita_ray.scoring.backends.openai_endpoint import OpenAIBackend
+
+    backend = OpenAIBackend(
+        "some/model", OpenAIBackendConfig(base_url=endpoint.base_url, api_key_env=API_KEY_ENV, **config),
+        tokenizer=None, digits=digits, dtype="auto", max_model_len=MAX_MODEL_LEN, batch_size=2,
+    )
+    backend.setup()
+    return backend
+
+
+def test_openai_backend_retries_maps_choices_and_rejects_missing_digits(monkeypatch, caplog):
+    from deita_ray.scoring.backends import openai_endpoint
+    from deita_ray.scoring.prompts import DigitTokens
+
+    monkeypatch.setattr(openai_endpoint, "BACKOFF_BASE_S", 0.01)
+    monkeypatch.setenv(API_KEY_ENV, API_KEY)
+    digits = DigitTokens((10, 11, 12, 13, 14, 15))
+    endpoint = _FakeEndpoint([
+        (503, {"error": {"message": "overloaded"}}),
+        (429, {"error": {"message": "slow down"}}),
+        (200, lambda body: _completion(body, digits.ids, reverse=True)),
+        (200, lambda body: _completion(body, digits.ids, drop_digit=13)),
+    ])
+    try:
+        backend = _fake_backend(endpoint, digits, max_concurrency=1, max_retries=3)
+        with caplog.at_level("WARNING"):
+            values = backend.digit_values([[1, 2], [1, 3], [1, 4], [1, 5]])
+    finally:
+        endpoint.close()
+    assert len(endpoint.requests) == 4  # two retried failures, then one request per batch of 2
+    first = endpoint.requests[0]
+    assert first["prompt"] == [[1, 2], [1, 3]] and first["max_tokens"] == 1 and first["temperature"] == 0
+    assert first["allowed_token_ids"] == list(digits.ids) and first["return_tokens_as_token_ids"] is True
+    assert first["model"] == "some/model"
+    # Choices came back reversed: still mapped by index.
+    assert values[0] == pytest.approx([0.0 - k for k in range(6)])
+    assert values[1] == pytest.approx([0.1 - k for k in range(6)])
+    # Missing digit "4": a reason, never a value.
+    assert isinstance(values[2], str) and "'4'" in values[2] and "processed_logprobs" in values[2]
+    assert isinstance(values[3], str)
+    assert "retry 1/3" in caplog.text and API_KEY not in caplog.text
+
+
+def test_openai_backend_gives_up_after_max_retries_and_never_retries_4xx(monkeypatch):
+    from deita_ray.scoring.backends import openai_endpoint
+    from deita_ray.scoring.prompts import DigitTokens
+
+    monkeypatch.setattr(openai_endpoint, "BACKOFF_BASE_S", 0.01)
+    monkeypatch.delenv(API_KEY_ENV, raising=False)  # no key: "EMPTY" is sent
+    digits = DigitTokens((10, 11, 12, 13, 14, 15))
+    endpoint = _FakeEndpoint([(500, {"error": "boom"})] * 3 + [(400, {"error": {"message": "bad logprobs"}})])
+    try:
+        backend = _fake_backend(endpoint, digits, max_retries=2)
+        with pytest.raises(openai_endpoint.EndpointError, match="failed after 2 retries: HTTP 500"):
+            backend.digit_values([[1, 2]])
+        assert len(endpoint.requests) == 3
+        with pytest.raises(openai_endpoint.EndpointError, match="not retried: HTTP 400.*bad logprobs"):
+            backend.digit_values([[1, 2]])
+        assert len(endpoint.requests) == 4
+    finally:
+        endpoint.close()
