@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -83,7 +83,7 @@ class OpenAIBackendConfig(_Strict):
 
 
 BackendConfig = Annotated[
-    Union[TransformersBackendConfig, VLLMBackendConfig, OpenAIBackendConfig], Field(discriminator="type")
+    TransformersBackendConfig | VLLMBackendConfig | OpenAIBackendConfig, Field(discriminator="type")
 ]
 
 
@@ -96,6 +96,12 @@ class ResourcesConfig(_Strict):
     max_actors: int = Field(1, ge=1, description="Scorer actor pool upper bound (autoscaling).")
     task_num_cpus: float = Field(
         0.25, gt=0, description="CPUs per read/normalise and write task (small so actors keep cores)."
+    )
+    scorer_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables for the scorer actors (runtime_env env_vars), e.g. vLLM "
+        "settings. Never put secrets here: configs are written to the output; export them in the "
+        "cluster/job environment instead.",
     )
     max_task_retries: int = Field(
         3, ge=0, description="Retries of a task or actor call lost to a worker/node failure."

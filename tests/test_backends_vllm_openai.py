@@ -467,3 +467,47 @@ def test_openai_backend_works_from_inside_a_running_event_loop(monkeypatch):
         endpoint.close()
     assert values == [pytest.approx([i * 0.1 - k for k in range(6)]) for i in (0, 1, 0)]
     assert set(endpoint.auth) == {f"Bearer {API_KEY}"}
+
+
+# --- (c) both backends through the full Ray Data pipeline, three input formats ------------------------
+@pytest.mark.integration
+def test_pipeline_with_vllm_and_openai_backends_equals_reference(vllm_server, model_dir, tmp_path, monkeypatch):
+    """Alpaca, ShareGPT multi-turn and messages inputs scored by scorer actors running the vLLM
+    engine, and by actors calling the real endpoint, equal the one-prompt-at-a-time reference."""
+    import ray
+    from ray_cluster import start_local_ray
+    from reference import load_reference, mixed_pool, reference_sample_scores
+
+    import deita_ray
+    from deita_ray import io
+
+    directory, records = mixed_pool(tmp_path, 3, 2, 2, max_chars=250)
+    vllm_server.wait_healthy()
+    monkeypatch.setenv(API_KEY_ENV, API_KEY)
+    ray.shutdown()  # a fresh local Ray: its workers inherit the key from this environment
+    start_local_ray()
+    common = {"input": [str(directory)], "complexity_model": str(model_dir), "quality_model": str(model_dir),
+              "max_model_len": MAX_MODEL_LEN, "dtype": "float32", "rows_per_shard": 4}
+    try:
+        vllm_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+        deita_ray.score(output=str(tmp_path / "vllm"), backend={"type": "vllm", "enforce_eager": True},
+                        resources={"scorer_num_cpus": 0.5, "scorer_env": vllm_env}, **common)
+        deita_ray.score(output=str(tmp_path / "openai"),
+                        backend={"type": "openai", "base_url": vllm_server.base_url, "api_key_env": API_KEY_ENV},
+                        resources={"scorer_num_cpus": 0.5}, **common)
+    finally:
+        ray.shutdown()
+    reference = load_reference(model_dir)
+    for backend in ("vllm", "openai"):
+        out = tmp_path / backend
+        scored = {r["id"]: r for r in io.read_parquet_dir(str(out / "scored")).to_pylist()}
+        assert len(scored) == len(records), backend
+        for record in records:
+            c, q, evol = reference_sample_scores(reference, reference, record["conversations"])
+            row = scored[record["id"]]
+            assert row["complexity_scores"] == pytest.approx(c, abs=1e-4), backend
+            assert row["quality_scores"] == pytest.approx(q, abs=1e-4), backend
+            assert row["evol_score"] == pytest.approx(evol, abs=4e-3), backend
+        for path in out.rglob("*"):  # the key is read from the environment, never written
+            if path.is_file():
+                assert API_KEY.encode() not in path.read_bytes(), path

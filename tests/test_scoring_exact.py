@@ -2,46 +2,18 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from ray_cluster import ray_local  # noqa: F401
-from reference import reference_sample_scores
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from reference import load_reference, mixed_pool, reference_sample_scores
+from transformers import AutoTokenizer
 
 import deita_ray
 from deita_ray import io
 from deita_ray.config import ScoreConfig
-from deita_ray.demo import demo_pool_dir
-from deita_ray.records import normalize_row
 from deita_ray.scoring.prompts import derive_digit_tokens, expected_score
 from deita_ray.scoring.scorer import Scorer
 
 TOLERANCE = 1e-4  # float32 forward passes; batching/padding changes summation order only
-
-
-def _pool_subset(tmp_path, n_alpaca: int, n_sharegpt: int, n_messages: int):
-    """A small mixed pool (Alpaca JSON, ShareGPT multi-turn JSON, messages JSONL) from the bundled data."""
-    pool = demo_pool_dir()
-    # Short samples: the tiny models' 512-token context must hold them untruncated (the reference
-    # method has no truncation; truncation has its own tests).
-    alpaca = [r for r in json.loads((pool / "alpaca_160.json").read_text())
-              if len(r["instruction"] + r["input"] + r["output"]) < 700][:n_alpaca]
-    sharegpt = [r for r in json.loads((pool / "sharegpt_100.json").read_text())
-                if len(r["conversations"]) >= 4][:n_sharegpt]
-    messages = (pool / "messages_60.jsonl").read_text().splitlines()[:n_messages]
-    directory = tmp_path / "pool"
-    directory.mkdir()
-    (directory / "alpaca.json").write_text(json.dumps(alpaca))
-    (directory / "sharegpt.json").write_text(json.dumps(sharegpt))
-    (directory / "messages.jsonl").write_text("\n".join(messages) + "\n")
-    records = [normalize_row(r, "alpaca") for r in alpaca] + [normalize_row(r, "sharegpt") for r in sharegpt]
-    records += [normalize_row(json.loads(line), "messages") for line in messages]
-    return directory, records
-
-
-def _load(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval(), AutoTokenizer.from_pretrained(path)
 
 
 def test_expected_score_math():
@@ -66,12 +38,12 @@ def test_digit_tokens_derived_from_tokenizer(tiny_llama, smollm2):
 def test_batched_scorer_equals_reference(request, tmp_path, model_fixture, sizes):
     """In-process batched scorer (length-sorted, left-padded batches) vs one prompt per forward."""
     path = str(request.getfixturevalue(model_fixture))
-    _, records = _pool_subset(tmp_path, *sizes)
+    _, records = mixed_pool(tmp_path, *sizes)
     scorer = Scorer(ScoreConfig(input=["unused"], output="unused", complexity_model=path, quality_model=path,
                                 batch_size=5))
     scorer.setup()
     results = scorer.score_samples([r["conversations"] for r in records])
-    reference = _load(path)
+    reference = load_reference(path)
     for record, result in zip(records, results):
         assert result.reject is None and not result.truncated
         c, q, evol = reference_sample_scores(reference, reference, record["conversations"])
@@ -84,13 +56,13 @@ def test_batched_scorer_equals_reference(request, tmp_path, model_fixture, sizes
 @pytest.mark.integration
 def test_pipeline_equals_reference_two_models(ray_local, tmp_path, tiny_llama, tiny_llama_b):  # noqa: F811
     """Full Ray Data pipeline (3 input formats, different complexity and quality models)."""
-    directory, records = _pool_subset(tmp_path, 8, 5, 4)
+    directory, records = mixed_pool(tmp_path, 8, 5, 4)
     summary = deita_ray.score(input=[str(directory)], output=str(tmp_path / "out"),
                               complexity_model=str(tiny_llama), quality_model=str(tiny_llama_b),
                               rows_per_shard=4, resources={"scorer_num_cpus": 0.5})
     assert summary["scored"] == len(records) and summary["rejected"] == 0
     scored = {row["id"]: row for row in io.read_parquet_dir(str(tmp_path / "out" / "scored")).to_pylist()}
-    complexity, quality = _load(tiny_llama), _load(tiny_llama_b)
+    complexity, quality = load_reference(tiny_llama), load_reference(tiny_llama_b)
     for record in records:
         row = scored[record["id"]]
         assert row["conversations"] == record["conversations"]

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import pickle
 import time
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -143,7 +143,8 @@ class ScoreStage:
                 sample.update(complexity_scores=result.complexity, quality_scores=result.quality,
                               evol_score=result.evol, truncated=result.truncated)
                 scored.append(sample)
-            counts.update(truncated=truncated, prompt_tokens=tokens, score_seconds=time.perf_counter() - started,
+            counts.update(truncated=truncated, prompt_tokens=tokens,
+                          score_seconds=time.perf_counter() - started,
                           scorer_pid=self.scorer_pid, scorer_node=self.scorer_node)
             out["unit"].append(row["unit"])
             out["scored"].append(pickle.dumps(scored))
@@ -256,21 +257,26 @@ def build_dataset(config: ScoreConfig, pending: list[Unit]):
     from ray.data import ActorPoolStrategy
 
     resources = config.resources
+    # Bounded retries (infrastructure failures only: Ray Data does not retry a UDF's own exception).
+    # Ray 2.60 has no named parameter for these yet and warns about passing them as remote args.
     task_args = {"num_cpus": resources.task_num_cpus, "max_retries": resources.max_task_retries}
+    actor_args = {"max_restarts": resources.max_task_retries, "max_task_retries": resources.max_task_retries}
     ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in pending],
                              override_num_blocks=max(1, len(pending)))
-    ds = ds.map(ReadUnitStage(config), **task_args)
-    ds = ds.map_batches(
-        ScoreStage,
-        fn_constructor_kwargs={"config_json": config.model_dump_json()},
-        batch_size=1,
-        compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
-        num_cpus=resources.scorer_num_cpus,
-        num_gpus=resources.scorer_num_gpus,
-        max_restarts=resources.max_task_retries,
-        max_task_retries=resources.max_task_retries,
-    )
-    return ds.map(WriteUnitStage(config.output), **task_args)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        ds = ds.map(ReadUnitStage(config), **task_args)
+        ds = ds.map_batches(
+            ScoreStage,
+            fn_constructor_kwargs={"config_json": config.model_dump_json()},
+            batch_size=1,
+            compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
+            num_cpus=resources.scorer_num_cpus,
+            num_gpus=resources.scorer_num_gpus,
+            runtime_env={"env_vars": resources.scorer_env} if resources.scorer_env else None,
+            **actor_args,
+        )
+        return ds.map(WriteUnitStage(config.output), **task_args)
 
 
 def summarize(config: ScoreConfig, units: list[Unit], timings: dict[str, float], run_units: int,
@@ -347,7 +353,3 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
     summary = summarize(config, units, timings, len(pending), run_rows, run_tokens)
     io.atomic_write_json(f"{config.output}/summary.json", summary)
     return summary
-
-
-def is_finite_score(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)

@@ -54,7 +54,7 @@ class ScorerBackend(ABC):
     def digit_values(self, prompts: Sequence[Sequence[int]]) -> list[DigitValues]:
         """Next-token logits or log-probs of the six digits after each prompt (same order)."""
 
-    def teardown(self) -> None:  # noqa: B027 - optional hook
+    def teardown(self) -> None:
         """Release the model/engine (GPU memory, engine processes)."""
 
 
