@@ -231,14 +231,16 @@ def _connect_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
 
 
-def plan_units(config: ScoreConfig) -> list[Unit]:
-    """Plan (or reload the cached plan of) the whole input."""
+def plan_units(config: ScoreConfig, files: list[str] | None = None) -> list[Unit]:
+    """Plan (or reload the cached plan of) the whole input; `files` = the expanded inputs, if the
+    caller listed them already."""
     import ray
 
     plan_path = f"{config.output}/{PLAN_DIR}/plan.json"
     if io.exists(plan_path):
         return [Unit.from_dict(u) for u in io.read_json(plan_path)["units"]]
-    files = io.expand_inputs(config.input)
+    if files is None:
+        files = io.expand_inputs(config.input)
     task = ray.remote(plan_file).options(num_cpus=config.resources.task_num_cpus,
                                          max_retries=config.resources.max_task_retries)
     staging = f"{config.output}/{PLAN_DIR}/staged"
@@ -321,15 +323,16 @@ def summarize(config: ScoreConfig, units: list[Unit], timings: dict[str, float],
 def run_score(config: ScoreConfig) -> dict[str, Any]:
     """Score a pool end to end (resuming what a previous run of the same config finished)."""
     started = time.perf_counter()
+    files = None
     if not io.exists(f"{config.output}/{PLAN_DIR}/plan.json"):
         # Inputs that match nothing fail here, before the output directory is claimed (a claimed one
         # would refuse the corrected input as a config change) and before Ray starts.
-        io.expand_inputs(config.input)
+        files = io.expand_inputs(config.input)
     shards.claim_output(config.output, config.result_fingerprint(), config.model_dump(mode="json"),
                         config.overwrite, owned=(SCORED_DIR, REJECTS_DIR, PLAN_DIR, shards.MARKER_DIR,
                                                  "summary.json"))
     _connect_ray(config.ray_address)
-    units = plan_units(config)
+    units = plan_units(config, files)
     planned = time.perf_counter()
     done = shards.completed_units(config.output)
     pending = [u for u in units if u.unit_id not in done]
