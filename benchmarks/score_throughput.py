@@ -77,7 +77,7 @@ def main() -> None:
         quality_model=model, batch_size=args.batch_size, max_model_len=args.max_model_len,
         rows_per_shard=args.rows_per_shard,
         backend={"type": "transformers", "torch_threads": args.threads},
-        resources={"scorer_num_cpus": 1, "task_num_cpus": 0.25},
+        resources={"actor_num_cpus": 1, "task_num_cpus": 0.25},
     )
     conversations = [normalize_row(r, "auto")["conversations"] for r in rows]
 

@@ -70,7 +70,7 @@ def score_config_from_args(args: argparse.Namespace) -> ScoreConfig:
     if args.num_actors is not None:
         resources["min_actors"] = resources["max_actors"] = args.num_actors
     for flag, key in (("min_actors", "min_actors"), ("max_actors", "max_actors"),
-                      ("num_gpus", "scorer_num_gpus"), ("num_cpus", "scorer_num_cpus")):
+                      ("num_gpus", "actor_num_gpus"), ("num_cpus", "actor_num_cpus")):
         if getattr(args, flag) is not None:
             resources[key] = getattr(args, flag)
     if resources:

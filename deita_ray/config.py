@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -88,18 +88,30 @@ BackendConfig = Annotated[
 
 
 class ResourcesConfig(_Strict):
-    """Ray resources, as data: per scorer actor and per CPU task."""
+    """Ray resources, as data: per model actor (scorer or embedder) and per CPU task.
 
-    scorer_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each scorer actor.")
-    scorer_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each scorer actor.")
-    min_actors: int = Field(1, ge=1, description="Scorer actor pool lower bound (autoscaling).")
-    max_actors: int = Field(1, ge=1, description="Scorer actor pool upper bound (autoscaling).")
+    `scorer_num_cpus`, `scorer_num_gpus` and `scorer_env` are accepted as aliases of the `actor_*`
+    fields (their names before embedders shared this config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    actor_num_cpus: float = Field(
+        1.0, ge=0, validation_alias=AliasChoices("actor_num_cpus", "scorer_num_cpus"),
+        description="CPUs reserved by each model actor (scorer or embedder).",
+    )
+    actor_num_gpus: float = Field(
+        0.0, ge=0, validation_alias=AliasChoices("actor_num_gpus", "scorer_num_gpus"),
+        description="GPUs reserved by each model actor (fractions share a GPU).",
+    )
+    min_actors: int = Field(1, ge=1, description="Model actor pool lower bound (autoscaling).")
+    max_actors: int = Field(1, ge=1, description="Model actor pool upper bound (autoscaling).")
     task_num_cpus: float = Field(
         0.25, gt=0, description="CPUs per read/normalise and write task (small so actors keep cores)."
     )
-    scorer_env: dict[str, str] = Field(
+    actor_env: dict[str, str] = Field(
         default_factory=dict,
-        description="Environment variables for the scorer actors (runtime_env env_vars), e.g. vLLM "
+        validation_alias=AliasChoices("actor_env", "scorer_env"),
+        description="Environment variables for the model actors (runtime_env env_vars), e.g. vLLM "
         "settings. Never put secrets here: configs are written to the output; export them in the "
         "cluster/job environment instead.",
     )

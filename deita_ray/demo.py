@@ -34,7 +34,7 @@ def demo_score_config(output: str, model: str | None = None, **overrides: Any) -
         "max_model_len": 1024,
         "batch_size": 16,
         "rows_per_shard": 50,
-        "resources": {"scorer_num_cpus": 1, "min_actors": 1, "max_actors": 1},
+        "resources": {"actor_num_cpus": 1, "min_actors": 1, "max_actors": 1},
     }
     data.update(overrides)
     return ScoreConfig.model_validate(data)

@@ -273,9 +273,9 @@ def build_dataset(config: ScoreConfig, pending: list[Unit]):
             fn_constructor_kwargs={"config_json": config.model_dump_json()},
             batch_size=1,
             compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
-            num_cpus=resources.scorer_num_cpus,
-            num_gpus=resources.scorer_num_gpus,
-            runtime_env={"env_vars": resources.scorer_env} if resources.scorer_env else None,
+            num_cpus=resources.actor_num_cpus,
+            num_gpus=resources.actor_num_gpus,
+            runtime_env={"env_vars": resources.actor_env} if resources.actor_env else None,
             **actor_args,
         )
         return ds.map(WriteUnitStage(config.output), **task_args)
