@@ -103,6 +103,11 @@ class ResourcesConfig(_Strict):
         0.0, ge=0, validation_alias=AliasChoices("actor_num_gpus", "scorer_num_gpus"),
         description="GPUs reserved by each model actor (fractions share a GPU).",
     )
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each model actor needs, e.g. {'accelerator_type:A100': 0.001} "
+        "or a node-type resource, so actors land on (and the autoscaler launches) the right nodes.",
+    )
     min_actors: int = Field(1, ge=1, description="Model actor pool lower bound (autoscaling).")
     max_actors: int = Field(1, ge=1, description="Model actor pool upper bound (autoscaling).")
     task_num_cpus: float = Field(

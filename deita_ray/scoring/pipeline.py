@@ -275,6 +275,7 @@ def build_dataset(config: ScoreConfig, pending: list[Unit]):
             compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
             num_cpus=resources.actor_num_cpus,
             num_gpus=resources.actor_num_gpus,
+            resources=resources.actor_resources or None,
             runtime_env={"env_vars": resources.actor_env} if resources.actor_env else None,
             **actor_args,
         )
