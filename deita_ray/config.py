@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -82,8 +83,23 @@ class OpenAIBackendConfig(_Strict):
     )
 
 
+class SyntheticBackendConfig(_Strict):
+    """A stand-in scorer for benchmarks and pipeline tests: its scores are NOT Deita scores.
+
+    Loads no model; the six digit values of a prompt are a hash of its token ids (plus a length
+    term), so every prompt scores the same in any run, actor or batch. The model path still supplies
+    the tokenizer, and everything else (prompts, truncation, digit ids, the pipeline) runs for real."""
+
+    type: Literal["synthetic"] = Field("synthetic", description="Backend selector.")
+    seconds_per_prompt: float = Field(
+        0.0, ge=0, description="Simulated model time per prompt (a sleep), e.g. so a test run lasts "
+        "long enough to inject a failure, or a benchmark models a scorer's speed. Scores do not change."
+    )
+
+
 BackendConfig = Annotated[
-    TransformersBackendConfig | VLLMBackendConfig | OpenAIBackendConfig, Field(discriminator="type")
+    TransformersBackendConfig | VLLMBackendConfig | OpenAIBackendConfig | SyntheticBackendConfig,
+    Field(discriminator="type"),
 ]
 
 
@@ -121,7 +137,9 @@ class ResourcesConfig(_Strict):
         "cluster/job environment instead.",
     )
     max_task_retries: int = Field(
-        3, ge=0, description="Retries of a task or actor call lost to a worker/node failure."
+        3, ge=0, description="Retries of a task lost to a worker/node failure, and restarts of a model "
+        "actor (its calls are retried while it restarts). Errors raised by the code itself (bad data, "
+        "bugs) are never retried."
     )
 
     @model_validator(mode="after")
@@ -150,7 +168,7 @@ class ScoreConfig(_Strict):
     )
     backend: BackendConfig = Field(
         default_factory=TransformersBackendConfig,
-        description="Scorer backend: {type: transformers|vllm|openai, ...backend options}.",
+        description="Scorer backend: {type: transformers|vllm|openai|synthetic, ...backend options}.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="(result) Model dtype; 'auto' = float32 on CPU, bfloat16 on GPU."
@@ -206,6 +224,337 @@ class ScoreConfig(_Strict):
     def fingerprint_hash(self) -> str:
         payload = json.dumps(self.result_fingerprint(), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# --- embedding ---------------------------------------------------------------------------------------
+
+
+class CausalLMEmbedderConfig(_Strict):
+    """The paper's embedder: a causal LM's final hidden state (after the last norm) of the last token."""
+
+    kind: Literal["causal-lm"] = Field("causal-lm", description="Embedder selector.")
+    template: Literal["vicuna", "plain"] = Field(
+        "vicuna", description="(result) Conversation rendering: 'vicuna' (the paper's Vicuna v1.1 prompt) or "
+        "'plain' ('USER: ...' lines). See deita_ray/embedding/render.py."
+    )
+    only_answer: bool = Field(
+        False, description="(result) Embed only the assistant responses, joined by newlines."
+    )
+    max_length: int = Field(
+        2048, gt=1, description="(result) Tokens per text (special tokens included); longer texts are cut "
+        "from the right. Capped at the model's max_position_embeddings."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="(result) Model dtype; 'auto' = float32 on CPU, bfloat16 on GPU."
+    )
+    padding_side: Literal["right", "left"] = Field(
+        "right", description="Padding side of a batch (speed only: the pooled token is found from the "
+        "attention mask and positions are explicit, so both give the unpadded result)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the model runs; 'auto' picks cuda when the actor has a GPU."
+    )
+    max_batch_tokens: int = Field(
+        16384, gt=0, description="Upper bound on padded tokens per forward pass (batches are length-sorted)."
+    )
+    torch_threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads per actor (default: the CPUs the actor holds)."
+    )
+
+    RESULT_FIELDS: ClassVar[tuple[str, ...]] = ("template", "only_answer", "max_length", "dtype")
+
+
+class SentenceTransformersEmbedderConfig(_Strict):
+    """A sentence-transformers model (local path or hub id) with its own pooling and normalisation."""
+
+    kind: Literal["sentence-transformers"] = Field("sentence-transformers", description="Embedder selector.")
+    template: Literal["vicuna", "plain"] = Field(
+        "plain", description="(result) Conversation rendering. 'plain' by default: Vicuna's shared 35-token "
+        "preamble would fill much of a small model's window and pull all similarities up."
+    )
+    only_answer: bool = Field(
+        False, description="(result) Embed only the assistant responses, joined by newlines."
+    )
+    max_length: int | None = Field(
+        None, gt=1, description="(result) Tokens per text (the model's `max_seq_length`); default: the "
+        "model's own (256 for all-MiniLM-L6-v2). Longer texts are cut from the right and counted."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="(result) Model dtype; 'auto' = float32 on CPU, bfloat16 on GPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the model runs; 'auto' picks cuda when the actor has a GPU."
+    )
+    torch_threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads per actor (default: the CPUs the actor holds)."
+    )
+
+    RESULT_FIELDS: ClassVar[tuple[str, ...]] = ("template", "only_answer", "max_length", "dtype")
+
+
+class VLLMEmbedderConfig(_Strict):
+    """vLLM pooling runner: LAST-token pooling of the final hidden state, no normalisation inside vLLM
+    (the same vectors as `causal-lm`, computed by vLLM's batched engine)."""
+
+    kind: Literal["vllm"] = Field("vllm", description="Embedder selector.")
+    template: Literal["vicuna", "plain"] = Field("vicuna", description="(result) Conversation rendering.")
+    only_answer: bool = Field(
+        False, description="(result) Embed only the assistant responses, joined by newlines."
+    )
+    max_length: int = Field(
+        2048, gt=1, description="(result) Tokens per text, cut from the right; also the engine's "
+        "max_model_len. Capped at the model's max_position_embeddings."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="(result) Model dtype; 'auto' = float32 on CPU, bfloat16 on GPU."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (tensor parallel).")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may take."
+    )
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs (faster start, slower steps).")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments passed to `vllm.LLM` as-is."
+    )
+
+    RESULT_FIELDS: ClassVar[tuple[str, ...]] = ("template", "only_answer", "max_length", "dtype")
+
+
+EmbedderConfig = Annotated[
+    CausalLMEmbedderConfig | SentenceTransformersEmbedderConfig | VLLMEmbedderConfig,
+    Field(discriminator="kind"),
+]
+
+
+class EmbedConfig(_Strict):
+    """Everything `deita-ray embed` needs. Fields marked (result) change the embeddings and are checked
+    against the output directory's config on resume; the others (resources, batch size) may change."""
+
+    input: list[str] = Field(
+        ..., min_length=1,
+        description="A `deita-ray score` output directory (its scored shards are the work units), or raw "
+        "pool files, directories or globs (local paths or fsspec URIs), planned as `score` plans them.",
+    )
+    output: str = Field(..., description="Output directory (local path or fsspec URI).")
+    input_format: Literal["auto", "sharegpt", "alpaca", "messages"] = Field(
+        "auto", description="(result) Raw input only: force the format instead of detecting it per file."
+    )
+    id_field: str = Field(
+        "id", description="(result) Raw input only: row field holding the sample id; absent → content hash."
+    )
+    rows_per_shard: int = Field(
+        1000, gt=0, description="(result) Raw input only: input rows per work unit / output shard (a scored "
+        "directory keeps its own shards)."
+    )
+    model: str = Field(..., description="(result) Embedding model: local path or hub id.")
+    embedder: EmbedderConfig = Field(
+        default_factory=CausalLMEmbedderConfig,
+        description="Embedder: {kind: causal-lm|sentence-transformers|vllm, ...options}, or just the kind.",
+    )
+    batch_size: int = Field(
+        32, gt=0, description="Texts per forward pass (causal-lm) or per `encode` batch "
+        "(sentence-transformers); vllm gets a whole unit per call and batches internally."
+    )
+    normalize: bool = Field(
+        True, description="(result) Store L2-normalised vectors (normalised in float32 after the model; a "
+        "zero vector stays zero)."
+    )
+    embedding_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="(result) Stored vector type (float16 halves the size)."
+    )
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray resources.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster address ('auto', ray://...); default: connect or start local."
+    )
+    overwrite: bool = Field(
+        False, description="Delete an existing output made with a different config instead of refusing."
+    )
+
+    @field_validator("embedder", mode="before")
+    @classmethod
+    def _embedder_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"kind": value}
+        if isinstance(value, dict) and "kind" not in value:
+            return {"kind": "causal-lm", **value}  # options without a kind: the default embedder's
+        return value
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _single_input(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    def result_fingerprint(self) -> dict[str, Any]:
+        """The fields that determine the output's content (what resume must not silently change)."""
+        data = self.model_dump(mode="json")
+        fingerprint = {name: data[name] for name in ("input", "input_format", "id_field", "rows_per_shard",
+                                                     "model", "normalize", "embedding_dtype")}
+        fingerprint["embedder"] = {name: data["embedder"][name]
+                                   for name in ("kind", *type(self.embedder).RESULT_FIELDS)}
+        return fingerprint
+
+
+class LocalIndexConfig(_Strict):
+    """Single-process selection: the driver holds the pool's embeddings and the accepted set."""
+
+    type: Literal["local"] = Field("local", description="Index selector.")
+    library: Literal["numpy", "torch", "faiss"] = Field(
+        "numpy", description="Similarity kernel: numpy (CPU BLAS), torch (CPU/CUDA) or faiss (extra 'index')."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device ('auto': cuda if present).")
+    max_pool_bytes: int = Field(
+        8 * 2**30, gt=0,
+        description="Refuse (with a hint to use index type 'ray') a pool whose float32 embeddings exceed "
+        "this many bytes, instead of running the driver out of memory.",
+    )
+
+
+class RayIndexConfig(_Strict):
+    """Distributed selection: candidates stream in score order from a Ray Data sort of the embedding
+    shards; the accepted set lives in `num_shards` index actors (GPU when they ask for one)."""
+
+    type: Literal["ray"] = Field("ray", description="Index selector.")
+    num_shards: int = Field(2, ge=1, description="Index actors holding the accepted set by rows.")
+    library: Literal["numpy", "torch", "faiss"] = Field("numpy", description="Similarity kernel per shard.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device of each shard.")
+    shard_num_cpus: float = Field(
+        0.5, ge=0, description="CPUs reserved by each index actor (leave room for the embedding read "
+        "tasks of the candidate stream, which run while the shards hold their reservation).",
+    )
+    shard_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each index actor.")
+    task_num_cpus: float = Field(0.25, gt=0, description="CPUs per embedding read/validate task.")
+
+
+IndexConfig = Annotated[LocalIndexConfig | RayIndexConfig, Field(discriminator="type")]
+
+
+class SelectConfig(_Strict):
+    """Everything `deita-ray select` needs: Deita's score-first, diversity-aware greedy selection."""
+
+    scores: list[str] = Field(
+        ..., min_length=1,
+        description="(result) A `deita-ray score` output directory, or Parquet/JSONL files with `id` and "
+        "the score column (other columns, e.g. conversations, are carried to the output).",
+    )
+    embeddings: list[str] = Field(
+        ..., min_length=1,
+        description="(result) A `deita-ray embed` output directory, or Parquet files with `id` and "
+        "`embedding` (list of floats).",
+    )
+    output: str = Field(..., description="Output directory (local path or fsspec URI).")
+    budget: int = Field(..., gt=0, description="(result) Samples to select.")
+    threshold: float = Field(
+        0.9, gt=0, le=1,
+        description="(result) τ: a candidate is rejected iff its cosine similarity to an accepted sample "
+        "is > τ.",
+    )
+    score_column: str = Field("evol_score", description="(result) Column ranking the pool (descending).")
+    chunk_size: int = Field(
+        2048, gt=0, description="Candidates compared with the accepted set per matrix product (speed "
+        "only: the selection is identical for every chunk size).",
+    )
+    index: IndexConfig = Field(
+        default_factory=LocalIndexConfig,
+        description="Where the accepted set lives: {type: local|ray, ...}. Use 'ray' for pools whose "
+        "embeddings do not fit in the driver.",
+    )
+    sharegpt: bool = Field(
+        False, description="Also write each selected conversation in ShareGPT form (`conversations`)."
+    )
+    plots: bool = Field(True, description="Write PNG plots next to report.json.")
+    checkpoint_interval_s: float = Field(
+        30.0, ge=0, description="Seconds between checkpoints of the scan (cursor + accepted set)."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster address ('auto', ray://...); default: connect or start local."
+    )
+    overwrite: bool = Field(
+        False, description="Delete an existing output made with a different config instead of refusing."
+    )
+
+    @field_validator("index", mode="before")
+    @classmethod
+    def _index_shorthand(cls, value: Any) -> Any:
+        return {"type": value} if isinstance(value, str) else value
+
+    @field_validator("scores", "embeddings", mode="before")
+    @classmethod
+    def _single_path(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    def result_fingerprint(self) -> dict[str, Any]:
+        """Fields that determine the selection (chunking, index and resources do not)."""
+        data = self.model_dump(mode="json")
+        return {name: data[name] for name in ("scores", "embeddings", "budget", "threshold", "score_column",
+                                              "sharegpt")}
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_reference(value: str, what: str) -> None:
+    """A model must be an existing local path or look like a hub id (org/name); catches typos in
+    local paths before a cluster spends minutes starting actors that then fail to load them."""
+    if "://" in value or Path(value).expanduser().exists():
+        return
+    if value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
+        raise ValueError(f"{what}: {value!r} is neither an existing path nor a hub id like 'org/name'")
+
+
+class RunConfig(_Strict):
+    """`deita-ray run`: score → embed → select under one run directory.
+
+    Each stage section holds that stage's own config fields (see `deita-ray score|embed|select
+    --help`), without its input/output paths, which the run wires: RUN/score reads `input`, RUN/embed
+    reads RUN/score, RUN/select reads both. A stage that finished with the same config (and the same
+    upstream stages) is skipped; a changed stage is redone with every stage after it."""
+
+    input: list[str] = Field(..., min_length=1, description="The pool: files, directories or globs.")
+    output: str = Field(..., description="Run directory (local path or fsspec URI).")
+    score: dict[str, Any] = Field(..., description="ScoreConfig fields (complexity_model, quality_model, ...).")
+    embed: dict[str, Any] = Field(..., description="EmbedConfig fields (model, embedder, ...).")
+    select: dict[str, Any] = Field(..., description="SelectConfig fields (budget, threshold, index, ...).")
+    ray_address: str | None = Field(
+        None, description="Ray cluster address for every stage ('auto' inside `ray job submit`)."
+    )
+    overwrite: bool = Field(
+        False, description="Redo stages whose config changed (otherwise a change is refused, naming it)."
+    )
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _single_input(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _stages_valid(self) -> RunConfig:
+        # Validate every stage now, before any work starts.
+        self.stage_configs()
+        for model, what in ((self.score.get("complexity_model"), "score.complexity_model"),
+                            (self.score.get("quality_model"), "score.quality_model"),
+                            (self.score.get("tokenizer"), "score.tokenizer"),
+                            (self.embed.get("model"), "embed.model")):
+            if isinstance(model, str):
+                check_model_reference(model, what)
+        return self
+
+    def stage_configs(self) -> tuple[ScoreConfig, EmbedConfig, SelectConfig]:
+        wired = {"score": ("input", "output"), "embed": ("input", "output"),
+                 "select": ("scores", "embeddings", "output")}
+        for stage, keys in wired.items():
+            clash = [k for k in keys + ("ray_address", "overwrite") if k in getattr(self, stage)]
+            if clash:
+                raise ValueError(f"{stage}: {', '.join(clash)} are set by the run (top-level input/output/"
+                                 "ray_address/overwrite), not per stage")
+        common = {"ray_address": self.ray_address, "overwrite": self.overwrite}
+        score = ScoreConfig.model_validate({**self.score, "input": self.input,
+                                            "output": f"{self.output}/score", **common})
+        embed = EmbedConfig.model_validate({**self.embed, "input": [f"{self.output}/score"],
+                                            "output": f"{self.output}/embed", **common})
+        select = SelectConfig.model_validate({**self.select, "scores": [f"{self.output}/score"],
+                                              "embeddings": [f"{self.output}/embed"],
+                                              "output": f"{self.output}/select", **common})
+        return score, embed, select
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

