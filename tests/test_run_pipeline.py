@@ -1,0 +1,136 @@
+"""`deita-ray run` and `deita-ray demo`: chained stages, skipping, invalidation, validation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from deita_ray.config import RunConfig
+from deita_ray.run import StageChangedError, run_pipeline
+from tests.ray_cluster import ray_local  # noqa: F401
+from tests.reference import mixed_pool
+from tests.select_reference import plain_greedy, rank_order, unit_rows
+
+
+def run_config(pool: Path, out: Path, model: Path, **select) -> dict:
+    return {
+        "input": [str(pool)], "output": str(out),
+        "score": {"complexity_model": str(model), "quality_model": str(model), "rows_per_shard": 8,
+                  "resources": {"actor_num_cpus": 0.5}},
+        "embed": {"model": str(model), "embedder": {"kind": "causal-lm", "max_length": 256}, "rows_per_shard": 8,
+                  "resources": {"actor_num_cpus": 0.5}},
+        "select": {"budget": 12, "threshold": 0.9, **select},
+    }
+
+
+def expected_selection(run: Path, budget: int, threshold: float) -> list[str]:
+    """The plain greedy loop over the run's own score and embed outputs."""
+    scored = pa.concat_tables([pq.read_table(p, columns=["id", "evol_score"])
+                               for p in sorted((run / "score" / "scored").glob("*.parquet"))])
+    embedded = pa.concat_tables([pq.read_table(p, columns=["id", "embedding"])
+                                 for p in sorted((run / "embed" / "embeddings").glob("*.parquet"))])
+    vectors = dict(zip(embedded.column("id").to_pylist(), embedded.column("embedding").to_pylist(), strict=True))
+    ids = scored.column("id").to_pylist()
+    order = rank_order(ids, scored.column("evol_score").to_pylist())
+    unit = unit_rows(np.array([vectors[ids[i]] for i in order], dtype=np.float32))
+    return [ids[order[i]] for i in plain_greedy(unit, threshold, budget)]
+
+
+def selected(run: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in (run / "select" / "selected.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.integration
+def test_run_chains_stages_skips_and_invalidates(tmp_path: Path, tiny_llama: Path, ray_local) -> None:  # noqa: F811
+    pool, records = mixed_pool(tmp_path, n_alpaca=14, n_sharegpt=6, n_messages=10)
+    run = tmp_path / "run"
+    summary = run_pipeline(RunConfig.model_validate(run_config(pool, run, tiny_llama)))
+    assert [s["status"] for s in summary["stages"].values()] == ["ran", "ran", "ran"]
+    assert summary["selected"] == 12 and summary["budget_reached"]
+    assert selected(run) == expected_selection(run, 12, 0.9)
+    for path in ("config.yaml", "summary.json", "score/summary.json", "embed/summary.json", "select/report.json",
+                 "select/selected.parquet"):
+        assert (run / path).exists(), path
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["embed"]["input"] == [f"{run}/score"] and resolved["select"]["threshold"] == 0.9
+    assert json.loads((run / "score" / "summary.json").read_text())["scored"] == len(records)
+    first = selected(run)
+
+    again = run_pipeline(RunConfig.model_validate(run_config(pool, run, tiny_llama)))
+    assert [s["status"] for s in again["stages"].values()] == ["skipped", "skipped", "skipped"]
+    assert selected(run) == first
+
+    with pytest.raises(StageChangedError, match="stage select"):
+        run_pipeline(RunConfig.model_validate(run_config(pool, run, tiny_llama, threshold=0.8)))
+    changed = run_pipeline(RunConfig.model_validate({**run_config(pool, run, tiny_llama, threshold=0.8),
+                                                     "overwrite": True}))
+    assert [s["status"] for s in changed["stages"].values()] == ["skipped", "skipped", "ran"]
+    assert selected(run) == expected_selection(run, 12, 0.8)
+
+    config = run_config(pool, run, tiny_llama, threshold=0.8)
+    config["embed"]["embedder"]["only_answer"] = True
+    redone = run_pipeline(RunConfig.model_validate({**config, "overwrite": True}))
+    assert [s["status"] for s in redone["stages"].values()] == ["skipped", "ran", "ran"]
+    assert selected(run) == expected_selection(run, 12, 0.8)
+
+
+def test_run_config_is_validated_before_any_work(tmp_path: Path, tiny_llama: Path) -> None:
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"instruction": "q", "output": "a"}\n')
+    good = run_config(pool, tmp_path / "run", tiny_llama)
+    RunConfig.model_validate(good)
+    bad_cases = [
+        ({"score": {**good["score"], "quality_model": str(tmp_path / "no-such-model")}}, "quality_model"),
+        ({"embed": {**good["embed"], "model": "./typo/path"}}, "embed.model"),
+        ({"select": {"budget": 0}}, "budget"),
+        ({"select": {"budget": 5, "threshold": 1.5}}, "threshold"),
+        ({"select": {"budget": 5, "output": "elsewhere"}}, "set by the run"),
+        ({"score": {**good["score"], "bogus": 1}}, "bogus"),
+    ]
+    for change, message in bad_cases:
+        with pytest.raises(ValidationError, match=message):
+            RunConfig.model_validate({**good, **change})
+    assert not (tmp_path / "run").exists()
+    # A hub id is accepted without a local check (users have hubs).
+    RunConfig.model_validate({**good, "embed": {**good["embed"], "model": "sentence-transformers/all-MiniLM-L6-v2"}})
+
+
+@pytest.mark.integration
+def test_run_cli_refuses_infeasible_resources_on_local_ray(tmp_path: Path, tiny_llama: Path) -> None:
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"instruction": "q", "output": "a"}\n')
+    config = run_config(pool, tmp_path / "run", tiny_llama)
+    config["score"]["resources"] = {"actor_num_gpus": 1}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "deita_ray.cli", "run", str(path), "--ray-address", "local"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "no node of the Ray cluster offers" in result.stderr and "'GPU': 1" in result.stderr
+    assert not (tmp_path / "run" / "score").exists()
+
+
+@pytest.mark.integration
+def test_demo_command_runs_the_whole_pipeline(tmp_path: Path, tiny_llama: Path) -> None:
+    """The README's main command, with the tiny model standing in for SmolLM2 (same code path)."""
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "deita_ray.cli", "demo", "--output", str(out), "--model",
+                             str(tiny_llama), "--budget", "40"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"run directory: {out}" in result.stdout and "selected 40 of budget 40" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["selected"] == 40
+    score = json.loads((out / "score" / "summary.json").read_text())
+    assert score["input_rows"] == 340 and score["scored"] + score["rejected"] + score["blank"] == 340
+    report = json.loads((out / "select" / "report.json").read_text())
+    assert report["pool"]["embedding"]["kind"] == "sentence-transformers" and report["pool"]["embedding_dim"] == 384
+    assert len(report["plots"]) == 3 and all(Path(p).exists() for p in report["plots"])
