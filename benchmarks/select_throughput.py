@@ -41,8 +41,9 @@ def make_pool(n: int, dim: int, seed: int = 0) -> np.ndarray:
     return pool.astype(np.float32)
 
 
-def reference_greedy(pool64: np.ndarray, threshold: float, budget: int,
-                     max_seconds: float) -> tuple[list[int], int]:
+def reference_greedy(
+    pool64: np.ndarray, threshold: float, budget: int, max_seconds: float
+) -> tuple[list[int], int]:
     """The original's batch-size-1 loop (torch, float32 similarities, re-gathering every step).
     Stops after `max_seconds`: greedy decisions on a prefix do not depend on later candidates, so a
     prefix is checked against the same prefix of the fast paths (and, its accepted set being smaller
@@ -56,7 +57,7 @@ def reference_greedy(pool64: np.ndarray, threshold: float, budget: int,
         if len(accepted) >= budget or time.perf_counter() > deadline:
             break
         scanned += 1
-        current = torch.tensor(pool64[i: i + 1], dtype=torch.float32)
+        current = torch.tensor(pool64[i : i + 1], dtype=torch.float32)
         existing = torch.tensor(pool64[accepted], dtype=torch.float32)
         current = current / current.norm(dim=1)[:, None]
         existing = existing / existing.norm(dim=1)[:, None]
@@ -79,19 +80,35 @@ def run_pipeline(raw: np.ndarray, budget: int, threshold: float, shards: int) ->
         pq.write_table(pa.table({"id": ids, "evol_score": np.ones(len(raw))}), f"{tmp}/scores.parquet")
         for k, part in enumerate(np.array_split(np.arange(len(raw)), 16)):
             flat = pa.array(raw[part].ravel())
-            pq.write_table(pa.table({"id": [ids[i] for i in part],
-                                     "embedding": pa.FixedSizeListArray.from_arrays(flat, raw.shape[1])}),
-                           f"{tmp}/embed/embeddings/{k:05d}.parquet")
-        report = run_select(SelectConfig(scores=[f"{tmp}/scores.parquet"], embeddings=[f"{tmp}/embed"],
-                                         output=f"{tmp}/out", budget=budget, threshold=threshold,
-                                         index={"type": "ray", "num_shards": shards}, plots=False))
+            pq.write_table(
+                pa.table(
+                    {
+                        "id": [ids[i] for i in part],
+                        "embedding": pa.FixedSizeListArray.from_arrays(flat, raw.shape[1]),
+                    }
+                ),
+                f"{tmp}/embed/embeddings/{k:05d}.parquet",
+            )
+        report = run_select(
+            SelectConfig(
+                scores=[f"{tmp}/scores.parquet"],
+                embeddings=[f"{tmp}/embed"],
+                output=f"{tmp}/out",
+                budget=budget,
+                threshold=threshold,
+                index={"type": "ray", "num_shards": shards},
+                plots=False,
+            )
+        )
         with open(f"{tmp}/out/selected.jsonl") as handle:
             selected = [int(json.loads(line)["id"]) for line in handle]
         return selected, report["timings"]["total_seconds"], report["scanned"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--budget", type=int, default=10_000)
@@ -99,8 +116,12 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--skip-pipeline", action="store_true")
-    parser.add_argument("--reference-seconds", type=float, default=600.0,
-                        help="Time cap of the reference loop (its prefix is compared and timed).")
+    parser.add_argument(
+        "--reference-seconds",
+        type=float,
+        default=600.0,
+        help="Time cap of the reference loop (its prefix is compared and timed).",
+    )
     args = parser.parse_args()
 
     raw = make_pool(args.n, args.dim)
@@ -112,36 +133,57 @@ def main() -> None:
     local_s = time.perf_counter() - start
     scanned = int(local[-1]) + 1 if len(local) == args.budget else args.n
     results["local"] = (scanned / local_s, local_s)
-    print(f"local       : {len(local)} accepted, {scanned} scanned in {local_s:.2f} s "
-          f"({scanned / local_s:,.0f} candidates/s)", flush=True)
+    print(
+        f"local       : {len(local)} accepted, {scanned} scanned in {local_s:.2f} s "
+        f"({scanned / local_s:,.0f} candidates/s)",
+        flush=True,
+    )
 
     import ray
 
     from deita_ray.selection.index import ShardedIndex
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    index = ShardedIndex.on_ray(args.dim, args.threshold, rounding_band(args.dim), num_shards=args.shards,
-                                library="numpy", device="cpu", capacity=args.budget, num_cpus=0.5, num_gpus=0)
+    index = ShardedIndex.on_ray(
+        args.dim,
+        args.threshold,
+        rounding_band(args.dim),
+        num_shards=args.shards,
+        library="numpy",
+        device="cpu",
+        capacity=args.budget,
+        num_cpus=0.5,
+        num_gpus=0,
+    )
     start = time.perf_counter()
     distributed = greedy_select(unit, args.threshold, args.budget, args.chunk_size, index=index)
     dist_s = time.perf_counter() - start
     index.close()
     results["distributed"] = (scanned / dist_s, dist_s)
-    print(f"distributed : {args.shards} index actors, {dist_s:.2f} s ({scanned / dist_s:,.0f} candidates/s)",
-          flush=True)
+    print(
+        f"distributed : {args.shards} index actors, {dist_s:.2f} s ({scanned / dist_s:,.0f} candidates/s)",
+        flush=True,
+    )
 
     if not args.skip_pipeline:
         pipeline, pipe_s, pipe_scanned = run_pipeline(raw, args.budget, args.threshold, args.shards)
-        print(f"pipeline    : run_select(index=ray) end to end {pipe_s:.2f} s incl. planning and the "
-              f"Ray Data sort ({pipe_scanned / pipe_s:,.0f} candidates/s)", flush=True)
+        print(
+            f"pipeline    : run_select(index=ray) end to end {pipe_s:.2f} s incl. planning and the "
+            f"Ray Data sort ({pipe_scanned / pipe_s:,.0f} candidates/s)",
+            flush=True,
+        )
     ray.shutdown()
 
     start = time.perf_counter()
-    reference, ref_scanned = reference_greedy(raw.astype(np.float64), args.threshold, args.budget,
-                                              args.reference_seconds)
+    reference, ref_scanned = reference_greedy(
+        raw.astype(np.float64), args.threshold, args.budget, args.reference_seconds
+    )
     ref_s = time.perf_counter() - start
-    print(f"reference   : {len(reference)} accepted, {ref_scanned} scanned in {ref_s:.2f} s "
-          f"({ref_scanned / ref_s:,.0f} candidates/s)", flush=True)
+    print(
+        f"reference   : {len(reference)} accepted, {ref_scanned} scanned in {ref_s:.2f} s "
+        f"({ref_scanned / ref_s:,.0f} candidates/s)",
+        flush=True,
+    )
 
     def prefix(selection) -> list[int]:
         return [int(i) for i in selection if i < ref_scanned]
@@ -150,16 +192,33 @@ def main() -> None:
     if not args.skip_pipeline:
         identical = identical and pipeline == local.tolist()
     ref_rate = ref_scanned / ref_s
-    print(json.dumps({
-        "n": args.n, "dim": args.dim, "budget": args.budget, "threshold": args.threshold,
-        "chunk_size": args.chunk_size, "shards": args.shards, "scanned": scanned, "accepted": len(local),
-        "reference_scanned": ref_scanned, "reference_complete": ref_scanned >= scanned,
-        "identical_selection": identical,
-        "candidates_per_s": {"reference": round(ref_rate), "local": round(results["local"][0]),
-                             "distributed": round(results["distributed"][0])},
-        "speedup_vs_reference": {"local": round(results["local"][0] / ref_rate, 1),
-                                 "distributed": round(results["distributed"][0] / ref_rate, 1)},
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "n": args.n,
+                "dim": args.dim,
+                "budget": args.budget,
+                "threshold": args.threshold,
+                "chunk_size": args.chunk_size,
+                "shards": args.shards,
+                "scanned": scanned,
+                "accepted": len(local),
+                "reference_scanned": ref_scanned,
+                "reference_complete": ref_scanned >= scanned,
+                "identical_selection": identical,
+                "candidates_per_s": {
+                    "reference": round(ref_rate),
+                    "local": round(results["local"][0]),
+                    "distributed": round(results["distributed"][0]),
+                },
+                "speedup_vs_reference": {
+                    "local": round(results["local"][0] / ref_rate, 1),
+                    "distributed": round(results["distributed"][0] / ref_rate, 1),
+                },
+            },
+            indent=1,
+        )
+    )
     if not identical:
         raise SystemExit("selections differ")
 

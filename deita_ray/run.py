@@ -38,8 +38,9 @@ class StageChangedError(RuntimeError):
 
 
 def _chain_key(config: ScoreConfig | EmbedConfig | SelectConfig, upstream: str) -> str:
-    payload = json.dumps({"fingerprint": config.result_fingerprint(), "upstream": upstream}, sort_keys=True,
-                         default=str)
+    payload = json.dumps(
+        {"fingerprint": config.result_fingerprint(), "upstream": upstream}, sort_keys=True, default=str
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -78,8 +79,10 @@ def check_feasible(stages: dict[str, Any], joined_cluster: bool) -> None:
         demand = {k: v for k, v in _actor_demand(config).items() if v > 0}
         if not demand or any(all(node.get(k, 0) >= v for k, v in demand.items()) for node in nodes):
             continue
-        message = (f"{stage}: no node of the Ray cluster offers {demand} for one actor "
-                   f"(nodes: {[{k: v for k, v in n.items() if not k.startswith('node:')} for n in nodes]})")
+        message = (
+            f"{stage}: no node of the Ray cluster offers {demand} for one actor "
+            f"(nodes: {[{k: v for k, v in n.items() if not k.startswith('node:')} for n in nodes]})"
+        )
         if not joined_cluster:
             raise ValueError(message + "; lower the stage's resources or run on a cluster that has them")
         logger.warning("%s; waiting for the autoscaler to add one", message)
@@ -88,14 +91,20 @@ def check_feasible(stages: dict[str, Any], joined_cluster: bool) -> None:
 def _stage_line(stage: str, result: dict[str, Any], skipped: bool) -> str:
     state = "skipped (complete)" if skipped else "done"
     if stage == "score":
-        detail = (f"{result['scored']} scored, {result['rejected']} rejected, {result['blank']} blank "
-                  f"of {result['input_rows']} rows")
+        detail = (
+            f"{result['scored']} scored, {result['rejected']} rejected, {result['blank']} blank "
+            f"of {result['input_rows']} rows"
+        )
     elif stage == "embed":
-        detail = (f"{result['embedded']} embedded (dim {result['dim']}), {result['rejected']} rejected of "
-                  f"{result['input_rows']} rows")
+        detail = (
+            f"{result['embedded']} embedded (dim {result['dim']}), {result['rejected']} rejected of "
+            f"{result['input_rows']} rows"
+        )
     else:
-        detail = (f"{result['selected']} selected of budget {result['budget']} (τ={result['threshold']}), "
-                  f"{result['scanned']} scanned, {result['pool']['excluded']} excluded")
+        detail = (
+            f"{result['selected']} selected of budget {result['budget']} (τ={result['threshold']}), "
+            f"{result['scanned']} scanned, {result['pool']['excluded']} excluded"
+        )
     return f"[{stage}] {state}: {detail}"
 
 
@@ -105,10 +114,16 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
     stages = {"score": score, "embed": embed, "select": select}
     run_dir = config.output
     io.ensure_dir(run_dir)
-    resolved = {"input": config.input, "output": run_dir, "ray_address": config.ray_address,
-                **{name: c.model_dump(mode="json") for name, c in stages.items()}}
-    io.atomic_write_bytes(f"{run_dir}/config.yaml",
-                          yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True).encode("utf-8"))
+    resolved = {
+        "input": config.input,
+        "output": run_dir,
+        "ray_address": config.ray_address,
+        **{name: c.model_dump(mode="json") for name, c in stages.items()},
+    }
+    io.atomic_write_bytes(
+        f"{run_dir}/config.yaml",
+        yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True).encode("utf-8"),
+    )
 
     import ray
 
@@ -129,8 +144,10 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
         stage_started = time.perf_counter()
         if previous is not None and previous != key:
             if not config.overwrite:
-                raise StageChangedError(f"stage {name} of {run_dir} was made with a different config (its own or an "
-                                        "upstream stage's); pass --overwrite to redo it and the stages after it")
+                raise StageChangedError(
+                    f"stage {name} of {run_dir} was made with a different config (its own or an "
+                    "upstream stage's); pass --overwrite to redo it and the stages after it"
+                )
             logger.warning("deita-ray run: %s changed; redoing it and the stages after it", name)
             io.remove_tree(stage_dir)
             complete = False
@@ -142,14 +159,23 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
             result = _stage_runner(name)(stage_config)
         line = _stage_line(name, result, skipped)
         print(line, flush=True)
-        summary["stages"][name] = {"status": "skipped" if skipped else "ran", "output": stage_dir,
-                                   "seconds": time.perf_counter() - stage_started, "line": line}
+        summary["stages"][name] = {
+            "status": "skipped" if skipped else "ran",
+            "output": stage_dir,
+            "seconds": time.perf_counter() - stage_started,
+            "line": line,
+        }
         upstream = key
     report = io.read_json(f"{run_dir}/select/report.json")
-    summary.update(selected=report["selected"], budget=report["budget"], budget_reached=report["budget_reached"],
-                   selected_jsonl=f"{run_dir}/select/selected.jsonl",
-                   selected_parquet=f"{run_dir}/select/selected.parquet",
-                   report=f"{run_dir}/select/report.json", plots=report.get("plots", []),
-                   total_seconds=time.perf_counter() - started)
+    summary.update(
+        selected=report["selected"],
+        budget=report["budget"],
+        budget_reached=report["budget_reached"],
+        selected_jsonl=f"{run_dir}/select/selected.jsonl",
+        selected_parquet=f"{run_dir}/select/selected.parquet",
+        report=f"{run_dir}/select/report.json",
+        plots=report.get("plots", []),
+        total_seconds=time.perf_counter() - started,
+    )
     io.atomic_write_json(f"{run_dir}/summary.json", summary)
     return summary

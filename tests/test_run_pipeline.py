@@ -23,22 +23,41 @@ from tests.select_reference import plain_greedy, rank_order, unit_rows
 
 def run_config(pool: Path, out: Path, model: Path, **select) -> dict:
     return {
-        "input": [str(pool)], "output": str(out),
-        "score": {"complexity_model": str(model), "quality_model": str(model), "rows_per_shard": 8,
-                  "resources": {"actor_num_cpus": 0.5}},
-        "embed": {"model": str(model), "embedder": {"kind": "causal-lm", "max_length": 256}, "rows_per_shard": 8,
-                  "resources": {"actor_num_cpus": 0.5}},
+        "input": [str(pool)],
+        "output": str(out),
+        "score": {
+            "complexity_model": str(model),
+            "quality_model": str(model),
+            "rows_per_shard": 8,
+            "resources": {"actor_num_cpus": 0.5},
+        },
+        "embed": {
+            "model": str(model),
+            "embedder": {"kind": "causal-lm", "max_length": 256},
+            "rows_per_shard": 8,
+            "resources": {"actor_num_cpus": 0.5},
+        },
         "select": {"budget": 12, "threshold": 0.9, **select},
     }
 
 
 def expected_selection(run: Path, budget: int, threshold: float) -> list[str]:
     """The plain greedy loop over the run's own score and embed outputs."""
-    scored = pa.concat_tables([pq.read_table(p, columns=["id", "evol_score"])
-                               for p in sorted((run / "score" / "scored").glob("*.parquet"))])
-    embedded = pa.concat_tables([pq.read_table(p, columns=["id", "embedding"])
-                                 for p in sorted((run / "embed" / "embeddings").glob("*.parquet"))])
-    vectors = dict(zip(embedded.column("id").to_pylist(), embedded.column("embedding").to_pylist(), strict=True))
+    scored = pa.concat_tables(
+        [
+            pq.read_table(p, columns=["id", "evol_score"])
+            for p in sorted((run / "score" / "scored").glob("*.parquet"))
+        ]
+    )
+    embedded = pa.concat_tables(
+        [
+            pq.read_table(p, columns=["id", "embedding"])
+            for p in sorted((run / "embed" / "embeddings").glob("*.parquet"))
+        ]
+    )
+    vectors = dict(
+        zip(embedded.column("id").to_pylist(), embedded.column("embedding").to_pylist(), strict=True)
+    )
     ids = scored.column("id").to_pylist()
     order = rank_order(ids, scored.column("evol_score").to_pylist())
     unit = unit_rows(np.array([vectors[ids[i]] for i in order], dtype=np.float32))
@@ -57,8 +76,14 @@ def test_run_chains_stages_skips_and_invalidates(tmp_path: Path, tiny_llama: Pat
     assert [s["status"] for s in summary["stages"].values()] == ["ran", "ran", "ran"]
     assert summary["selected"] == 12 and summary["budget_reached"]
     assert selected(run) == expected_selection(run, 12, 0.9)
-    for path in ("config.yaml", "summary.json", "score/summary.json", "embed/summary.json", "select/report.json",
-                 "select/selected.parquet"):
+    for path in (
+        "config.yaml",
+        "summary.json",
+        "score/summary.json",
+        "embed/summary.json",
+        "select/report.json",
+        "select/selected.parquet",
+    ):
         assert (run / path).exists(), path
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["embed"]["input"] == [f"{run}/score"] and resolved["select"]["threshold"] == 0.9
@@ -71,8 +96,9 @@ def test_run_chains_stages_skips_and_invalidates(tmp_path: Path, tiny_llama: Pat
 
     with pytest.raises(StageChangedError, match="stage select"):
         run_pipeline(RunConfig.model_validate(run_config(pool, run, tiny_llama, threshold=0.8)))
-    changed = run_pipeline(RunConfig.model_validate({**run_config(pool, run, tiny_llama, threshold=0.8),
-                                                     "overwrite": True}))
+    changed = run_pipeline(
+        RunConfig.model_validate({**run_config(pool, run, tiny_llama, threshold=0.8), "overwrite": True})
+    )
     assert [s["status"] for s in changed["stages"].values()] == ["skipped", "skipped", "ran"]
     assert selected(run) == expected_selection(run, 12, 0.8)
 
@@ -101,7 +127,9 @@ def test_run_config_is_validated_before_any_work(tmp_path: Path, tiny_llama: Pat
             RunConfig.model_validate({**good, **change})
     assert not (tmp_path / "run").exists()
     # A hub id is accepted without a local check (users have hubs).
-    RunConfig.model_validate({**good, "embed": {**good["embed"], "model": "sentence-transformers/all-MiniLM-L6-v2"}})
+    RunConfig.model_validate(
+        {**good, "embed": {**good["embed"], "model": "sentence-transformers/all-MiniLM-L6-v2"}}
+    )
 
 
 @pytest.mark.integration
@@ -112,8 +140,12 @@ def test_run_cli_refuses_infeasible_resources_on_local_ray(tmp_path: Path, tiny_
     config["score"]["resources"] = {"actor_num_gpus": 1}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "deita_ray.cli", "run", str(path), "--ray-address", "local"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "deita_ray.cli", "run", str(path), "--ray-address", "local"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     assert "no node of the Ray cluster offers" in result.stderr and "'GPU': 1" in result.stderr
     assert not (tmp_path / "run" / "score").exists()
@@ -123,8 +155,23 @@ def test_run_cli_refuses_infeasible_resources_on_local_ray(tmp_path: Path, tiny_
 def test_demo_command_runs_the_whole_pipeline(tmp_path: Path, tiny_llama: Path) -> None:
     """The README's main command, with the tiny model standing in for SmolLM2 (same code path)."""
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "deita_ray.cli", "demo", "--output", str(out), "--model",
-                             str(tiny_llama), "--budget", "40"], capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deita_ray.cli",
+            "demo",
+            "--output",
+            str(out),
+            "--model",
+            str(tiny_llama),
+            "--budget",
+            "40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"run directory: {out}" in result.stdout and "selected 40 of budget 40" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -132,5 +179,8 @@ def test_demo_command_runs_the_whole_pipeline(tmp_path: Path, tiny_llama: Path) 
     score = json.loads((out / "score" / "summary.json").read_text())
     assert score["input_rows"] == 340 and score["scored"] + score["rejected"] + score["blank"] == 340
     report = json.loads((out / "select" / "report.json").read_text())
-    assert report["pool"]["embedding"]["kind"] == "sentence-transformers" and report["pool"]["embedding_dim"] == 384
+    assert (
+        report["pool"]["embedding"]["kind"] == "sentence-transformers"
+        and report["pool"]["embedding_dim"] == 384
+    )
     assert len(report["plots"]) == 3 and all(Path(p).exists() for p in report["plots"])

@@ -26,8 +26,9 @@ from tests.select_reference import plain_greedy, rank_order, unit_rows
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_pool(root: Path, n: int, dim: int, seed: int = 0, shards: int = 3, spread: float = 0.6,
-               clusters: int = 40) -> dict:
+def write_pool(
+    root: Path, n: int, dim: int, seed: int = 0, shards: int = 3, spread: float = 0.6, clusters: int = 40
+) -> dict:
     """A scored dir (the real `scored_table` schema, ties in evol_score) and an embed dir (the embed
     stage's layout); returns ids, scores and raw vectors for the reference."""
     rng = np.random.default_rng(seed)
@@ -38,18 +39,29 @@ def write_pool(root: Path, n: int, dim: int, seed: int = 0, shards: int = 3, spr
     (root / "score" / "scored").mkdir(parents=True)
     (root / "embed" / "embeddings").mkdir(parents=True)
     for k, part in enumerate(np.array_split(np.arange(n), shards)):
-        samples = [{
-            "id": ids[i],
-            "conversations": [{"role": "user", "content": f"question {ids[i]}"},
-                              {"role": "assistant", "content": f"answer {i}"}],
-            "complexity_scores": [float(scores[i]) / 2], "quality_scores": [2.0],
-            "evol_score": float(scores[i]), "truncated": False,
-            "source_file": "pool.jsonl", "source_row": int(i), "source_format": "sharegpt",
-            "original": {"topic": f"t{i % 5}"},
-        } for i in part]
+        samples = [
+            {
+                "id": ids[i],
+                "conversations": [
+                    {"role": "user", "content": f"question {ids[i]}"},
+                    {"role": "assistant", "content": f"answer {i}"},
+                ],
+                "complexity_scores": [float(scores[i]) / 2],
+                "quality_scores": [2.0],
+                "evol_score": float(scores[i]),
+                "truncated": False,
+                "source_file": "pool.jsonl",
+                "source_row": int(i),
+                "source_format": "sharegpt",
+                "original": {"topic": f"t{i % 5}"},
+            }
+            for i in part
+        ]
         pq.write_table(scored_table(samples), root / "score" / "scored" / f"00000-{k:06d}.parquet")
         flat = pa.array(vectors[part].astype(np.float32).ravel())
-        table = pa.table({"id": [ids[i] for i in part], "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
+        table = pa.table(
+            {"id": [ids[i] for i in part], "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)}
+        )
         table = table.replace_schema_metadata({b"deita_ray": json.dumps({"dim": dim, "normalized": False})})
         pq.write_table(table, root / "embed" / "embeddings" / f"00000-{k:06d}.parquet")
     return {"ids": ids, "scores": scores.tolist(), "vectors": vectors}
@@ -68,8 +80,11 @@ def selected_ids(out: Path) -> list[str]:
 
 
 def select(root: Path, out: str, **fields) -> dict:
-    return run_select(SelectConfig(scores=[str(root / "score")], embeddings=[str(root / "embed")],
-                                   output=str(root / out), **fields))
+    return run_select(
+        SelectConfig(
+            scores=[str(root / "score")], embeddings=[str(root / "embed")], output=str(root / out), **fields
+        )
+    )
 
 
 def test_local_selection_equals_reference_and_writes_outputs(tmp_path: Path) -> None:
@@ -81,8 +96,10 @@ def test_local_selection_equals_reference_and_writes_outputs(tmp_path: Path) -> 
     first = rows[0]
     assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
     assert first["max_similarity"] is None and all(r["max_similarity"] <= 0.85 for r in rows[1:])
-    assert first["messages"] == [{"role": "user", "content": f"question {first['id']}"},
-                                 {"role": "assistant", "content": first["messages"][1]["content"]}]
+    assert first["messages"] == [
+        {"role": "user", "content": f"question {first['id']}"},
+        {"role": "assistant", "content": first["messages"][1]["content"]},
+    ]
     assert first["evol_score"] == max(pool["scores"]) and "conversations" not in first
     assert {"complexity_scores", "quality_scores", "topic", "source_row"} <= set(first)
     assert [r["evol_score"] for r in rows] == sorted((r["evol_score"] for r in rows), reverse=True)
@@ -101,8 +118,14 @@ def test_selection_does_not_depend_on_chunk_size_or_library(tmp_path: Path) -> N
     pool = write_pool(tmp_path, n=500, dim=16, seed=1)
     expected = reference_ids(pool, 0.9, 120)
     for chunk_size, library in ((1, "numpy"), (13, "torch"), (4096, "numpy")):
-        select(tmp_path, f"sel-{chunk_size}", budget=120, chunk_size=chunk_size,
-               index={"type": "local", "library": library}, plots=False)
+        select(
+            tmp_path,
+            f"sel-{chunk_size}",
+            budget=120,
+            chunk_size=chunk_size,
+            index={"type": "local", "library": library},
+            plots=False,
+        )
         assert selected_ids(tmp_path / f"sel-{chunk_size}") == expected
 
 
@@ -112,33 +135,77 @@ def test_bad_rows_are_excluded_with_reasons_never_dropped(tmp_path: Path) -> Non
     emb_dir = tmp_path / "embed" / "embeddings"
     score_dir = tmp_path / "score" / "scored"
     # Score side: a NaN score, a duplicate score row, an id with no embedding.
-    extra = [{"id": ids[0], "conversations": [{"role": "user", "content": "dup"}], "complexity_scores": [1.0],
-              "quality_scores": [1.0], "evol_score": 99.0, "truncated": False, "source_file": "x",
-              "source_row": 0, "source_format": "alpaca", "original": {}},
-             {"id": "no-embedding", "conversations": [{"role": "user", "content": "q"}], "complexity_scores": [1.0],
-              "quality_scores": [1.0], "evol_score": 50.0, "truncated": False, "source_file": "x",
-              "source_row": 1, "source_format": "alpaca", "original": {}},
-             {"id": "nan-score", "conversations": [{"role": "user", "content": "q"}], "complexity_scores": [1.0],
-              "quality_scores": [float("nan")], "evol_score": float("nan"), "truncated": False,
-              "source_file": "x", "source_row": 2, "source_format": "alpaca", "original": {}}]
+    extra = [
+        {
+            "id": ids[0],
+            "conversations": [{"role": "user", "content": "dup"}],
+            "complexity_scores": [1.0],
+            "quality_scores": [1.0],
+            "evol_score": 99.0,
+            "truncated": False,
+            "source_file": "x",
+            "source_row": 0,
+            "source_format": "alpaca",
+            "original": {},
+        },
+        {
+            "id": "no-embedding",
+            "conversations": [{"role": "user", "content": "q"}],
+            "complexity_scores": [1.0],
+            "quality_scores": [1.0],
+            "evol_score": 50.0,
+            "truncated": False,
+            "source_file": "x",
+            "source_row": 1,
+            "source_format": "alpaca",
+            "original": {},
+        },
+        {
+            "id": "nan-score",
+            "conversations": [{"role": "user", "content": "q"}],
+            "complexity_scores": [1.0],
+            "quality_scores": [float("nan")],
+            "evol_score": float("nan"),
+            "truncated": False,
+            "source_file": "x",
+            "source_row": 2,
+            "source_format": "alpaca",
+            "original": {},
+        },
+    ]
     pq.write_table(scored_table(extra), score_dir / "00001-000000.parquet")
     # Embedding side (variable-length lists): wrong dimension, zero vector, NaN component, a duplicate
     # id, an id with no score, and nan-score's vector.
-    rows = [("wrong-dim", [1.0] * 5), (ids[1], [0.0] * 8), (ids[2], [float("nan")] + [1.0] * 7),
-            (ids[3], [1.0] * 8), ("no-score", [1.0] * 8), ("nan-score", [0.5] * 8)]
+    rows = [
+        ("wrong-dim", [1.0] * 5),
+        (ids[1], [0.0] * 8),
+        (ids[2], [float("nan")] + [1.0] * 7),
+        (ids[3], [1.0] * 8),
+        ("no-score", [1.0] * 8),
+        ("nan-score", [0.5] * 8),
+    ]
     for name, _ in rows[:3]:  # those ids' good vectors are removed from the regular shards
         if name in ids:
             for path in emb_dir.glob("*.parquet"):
                 table = pq.read_table(path)
                 keep = [v != name for v in table.column("id").to_pylist()]
                 pq.write_table(table.filter(pa.array(keep)), path)
-    pq.write_table(pa.table({"id": [r[0] for r in rows], "embedding": [r[1] for r in rows]}),
-                   emb_dir / "00001-000000.parquet")
+    pq.write_table(
+        pa.table({"id": [r[0] for r in rows], "embedding": [r[1] for r in rows]}),
+        emb_dir / "00001-000000.parquet",
+    )
     wrong_ids = {"wrong-dim", ids[1], ids[2]}
     report = select(tmp_path, "sel", budget=30, threshold=0.8)
     assert report["pool"]["excluded_by_reason"] == {
-        "bad_score": 1, "duplicate_embedding": 1, "duplicate_score": 1, "missing_embedding": 1,
-        "missing_score": 1, "non_finite_embedding": 1, "wrong_dimension": 1, "zero_norm": 1}
+        "bad_score": 1,
+        "duplicate_embedding": 1,
+        "duplicate_score": 1,
+        "missing_embedding": 1,
+        "missing_score": 1,
+        "non_finite_embedding": 1,
+        "wrong_dimension": 1,
+        "zero_norm": 1,
+    }
     excluded = pq.read_table(tmp_path / "sel" / "excluded.parquet").to_pylist()
     by_reason = {r["reason"]: r["id"] for r in excluded}
     assert by_reason["wrong_dimension"] == "wrong-dim" and by_reason["zero_norm"] == ids[1]
@@ -163,10 +230,28 @@ def test_precomputed_score_file_and_sharegpt_output(tmp_path: Path) -> None:
     score_file = tmp_path / "scores.jsonl"
     with open(score_file, "w") as handle:
         for sample_id, value in zip(pool["ids"], pool["scores"], strict=True):
-            handle.write(json.dumps({"id": sample_id, "evol_score": value, "conversations": [
-                {"from": "human", "value": f"q {sample_id}"}, {"from": "gpt", "value": "a"}]}) + "\n")
-    run_select(SelectConfig(scores=[str(score_file)], embeddings=[str(tmp_path / "embed")],
-                            output=str(tmp_path / "sel"), budget=40, sharegpt=True))
+            handle.write(
+                json.dumps(
+                    {
+                        "id": sample_id,
+                        "evol_score": value,
+                        "conversations": [
+                            {"from": "human", "value": f"q {sample_id}"},
+                            {"from": "gpt", "value": "a"},
+                        ],
+                    }
+                )
+                + "\n"
+            )
+    run_select(
+        SelectConfig(
+            scores=[str(score_file)],
+            embeddings=[str(tmp_path / "embed")],
+            output=str(tmp_path / "sel"),
+            budget=40,
+            sharegpt=True,
+        )
+    )
     rows = [json.loads(line) for line in (tmp_path / "sel" / "selected.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == reference_ids(pool, 0.9, 40)
     assert rows[0]["messages"][0] == {"role": "user", "content": f"q {rows[0]['id']}"}
@@ -176,23 +261,42 @@ def test_precomputed_score_file_and_sharegpt_output(tmp_path: Path) -> None:
 def test_cli_yaml_resume_and_config_change(tmp_path: Path) -> None:
     write_pool(tmp_path, n=120, dim=8, seed=5)
     cli = [sys.executable, "-m", "deita_ray.cli", "select"]
-    args = ["--scores", str(tmp_path / "score"), "--embeddings", str(tmp_path / "embed"), "--budget", "25",
-            "--threshold", "0.8"]
+    args = [
+        "--scores",
+        str(tmp_path / "score"),
+        "--embeddings",
+        str(tmp_path / "embed"),
+        "--budget",
+        "25",
+        "--threshold",
+        "0.8",
+    ]
     first = subprocess.run(cli + args + ["--output", str(tmp_path / "a")], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     assert "selected 25 / budget 25" in first.stdout
     config = tmp_path / "select.yaml"
-    config.write_text(yaml.safe_dump({"scores": [str(tmp_path / "score")], "embeddings": [str(tmp_path / "embed")],
-                                      "output": str(tmp_path / "b"), "budget": 25, "threshold": 0.8,
-                                      "index": {"type": "local", "library": "torch"}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "scores": [str(tmp_path / "score")],
+                "embeddings": [str(tmp_path / "embed")],
+                "output": str(tmp_path / "b"),
+                "budget": 25,
+                "threshold": 0.8,
+                "index": {"type": "local", "library": "torch"},
+            }
+        )
+    )
     second = subprocess.run(cli + ["--config", str(config)], capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
     assert (tmp_path / "a" / "selected.jsonl").read_text() == (tmp_path / "b" / "selected.jsonl").read_text()
-    changed = subprocess.run(cli + args[:-1] + ["0.7", "--output", str(tmp_path / "a")], capture_output=True,
-                             text=True)
+    changed = subprocess.run(
+        cli + args[:-1] + ["0.7", "--output", str(tmp_path / "a")], capture_output=True, text=True
+    )
     assert changed.returncode == 1 and "threshold" in changed.stderr
-    bad = subprocess.run(cli + args + ["--output", str(tmp_path / "c"), "--threshold", "1.5"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        cli + args + ["--output", str(tmp_path / "c"), "--threshold", "1.5"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "threshold" in bad.stderr
 
 
@@ -200,11 +304,22 @@ def test_cli_yaml_resume_and_config_change(tmp_path: Path) -> None:
 def test_ray_index_equals_local(tmp_path: Path, ray_local) -> None:  # noqa: F811
     pool = write_pool(tmp_path, n=900, dim=32, seed=6, shards=4)
     local = select(tmp_path, "local", budget=150, threshold=0.85, chunk_size=100, plots=False)
-    distributed = select(tmp_path, "ray", budget=150, threshold=0.85, chunk_size=100, plots=False,
-                         index={"type": "ray", "num_shards": 2})
-    assert selected_ids(tmp_path / "ray") == selected_ids(tmp_path / "local") == reference_ids(pool, 0.85, 150)
+    distributed = select(
+        tmp_path,
+        "ray",
+        budget=150,
+        threshold=0.85,
+        chunk_size=100,
+        plots=False,
+        index={"type": "ray", "num_shards": 2},
+    )
+    assert (
+        selected_ids(tmp_path / "ray") == selected_ids(tmp_path / "local") == reference_ids(pool, 0.85, 150)
+    )
     assert distributed["scanned"] == local["scanned"]
-    assert (tmp_path / "ray" / "selected.jsonl").read_text() == (tmp_path / "local" / "selected.jsonl").read_text()
+    assert (tmp_path / "ray" / "selected.jsonl").read_text() == (
+        tmp_path / "local" / "selected.jsonl"
+    ).read_text()
 
 
 @pytest.mark.integration
@@ -212,14 +327,29 @@ def test_killed_selection_resumes_to_the_same_result(tmp_path: Path) -> None:
     """SIGKILL the selection after a few checkpoints; the re-run resumes from the cursor (it does not
     start over) and its output equals an undisturbed run's."""
     write_pool(tmp_path, n=6000, dim=48, seed=7, clusters=400, spread=0.5)
-    args = ["--scores", str(tmp_path / "score"), "--embeddings", str(tmp_path / "embed"), "--budget", "3000",
-            "--threshold", "0.6", "--chunk-size", "8", "--no-plots"]
+    args = [
+        "--scores",
+        str(tmp_path / "score"),
+        "--embeddings",
+        str(tmp_path / "embed"),
+        "--budget",
+        "3000",
+        "--threshold",
+        "0.6",
+        "--chunk-size",
+        "8",
+        "--no-plots",
+    ]
     config = tmp_path / "checkpoint_often.yaml"
     config.write_text("checkpoint_interval_s: 0\n")
     cli = [sys.executable, "-m", "deita_ray.cli", "select", "--config", str(config)] + args
     subprocess.run(cli + ["--output", str(tmp_path / "whole")], check=True, capture_output=True)
-    process = subprocess.Popen(cli + ["--output", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        cli + ["--output", str(tmp_path / "killed")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     cursor = tmp_path / "killed" / "_checkpoint" / "cursor.json"
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -235,7 +365,9 @@ def test_killed_selection_resumes_to_the_same_result(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads((tmp_path / "killed" / "report.json").read_text())
     assert report["resumed_from_candidate"] >= killed_at
-    assert (tmp_path / "killed" / "selected.jsonl").read_text() == (tmp_path / "whole" / "selected.jsonl").read_text()
+    assert (tmp_path / "killed" / "selected.jsonl").read_text() == (
+        tmp_path / "whole" / "selected.jsonl"
+    ).read_text()
     whole = json.loads((tmp_path / "whole" / "report.json").read_text())
     assert report["scanned"] == whole["scanned"] and report["selected"] == whole["selected"]
     assert math.isclose(report["acceptance_rate"], whole["acceptance_rate"])

@@ -12,8 +12,9 @@ from deita_ray.selection.index import LocalIndex, ShardedIndex
 from tests.select_reference import exact_cos, plain_greedy, plain_greedy_float32, unit_rows
 
 
-def make_pool(seed: int, n: int, dim: int, clusters: int, spread: float, duplicates: int, near: int,
-              threshold: float) -> np.ndarray:
+def make_pool(
+    seed: int, n: int, dim: int, clusters: int, spread: float, duplicates: int, near: int, threshold: float
+) -> np.ndarray:
     """Clustered vectors plus exact duplicates and pairs whose cosine sits within ~1e-7..1e-5 of τ."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(clusters, dim))
@@ -120,16 +121,18 @@ def test_resolve_chunk_compares_only_with_accepted_candidates() -> None:
     c = np.array([np.cos(0.8), np.sin(0.8), 0.0])
     unit, _ = normalize_rows(np.stack([a, b, c]))
     threshold = float(np.cos(0.5))
-    result = resolve_chunk(unit, np.zeros(3, bool), np.full(3, -np.inf, np.float32), threshold,
-                           rounding_band(3), budget_left=10)
+    result = resolve_chunk(
+        unit, np.zeros(3, bool), np.full(3, -np.inf, np.float32), threshold, rounding_band(3), budget_left=10
+    )
     assert result.accepted.tolist() == [0, 2]
     assert result.scanned == 3
 
 
 def test_budget_stops_the_scan_inside_a_chunk() -> None:
     unit = unit_rows(np.eye(6)[:, :6])
-    result = resolve_chunk(unit, np.zeros(6, bool), np.full(6, -np.inf, np.float32), 0.9, rounding_band(6),
-                           budget_left=2)
+    result = resolve_chunk(
+        unit, np.zeros(6, bool), np.full(6, -np.inf, np.float32), 0.9, rounding_band(6), budget_left=2
+    )
     assert result.accepted.tolist() == [0, 1] and result.scanned == 2 and len(result.max_sim) == 2
 
 

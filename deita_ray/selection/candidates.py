@@ -98,12 +98,16 @@ def read_scores(files: list[str], score_column: str) -> pa.Table:
                 raise ValueError(f"{path}: every score row needs 'id' and {score_column!r}")
             ids = pa.array([r["id"] for r in rows])
             scores = pa.array([r[score_column] for r in rows])
-        tables.append(pa.table({
-            "id": _as_text(ids),
-            "score": pc.cast(scores, pa.float64(), safe=False),
-            "score_file": pa.array(np.full(len(ids), index, dtype=np.int32)),
-            "score_row": pa.array(np.arange(len(ids), dtype=np.int64)),
-        }))
+        tables.append(
+            pa.table(
+                {
+                    "id": _as_text(ids),
+                    "score": pc.cast(scores, pa.float64(), safe=False),
+                    "score_file": pa.array(np.full(len(ids), index, dtype=np.int32)),
+                    "score_row": pa.array(np.arange(len(ids), dtype=np.int64)),
+                }
+            )
+        )
     return pa.concat_tables(tables)
 
 
@@ -143,14 +147,16 @@ def scan_embedding_file(path: str, file_index: int) -> pa.Table:
         finite = np.isfinite(matrix).all(axis=1) if matrix.shape[1] else np.ones(len(matrix), bool)
         # Padding NaNs of shorter rows make `finite` false there; those rows fail on dimension first.
         zero = ~np.any(np.nan_to_num(matrix) != 0, axis=1)
-    return pa.table({
-        "id": _as_text(table.column("id")),
-        "file": pa.array(np.full(len(table), file_index, dtype=np.int32)),
-        "row": pa.array(np.arange(len(table), dtype=np.int64)),
-        "dim": pa.array(lengths),
-        "non_finite": pa.array(~finite),
-        "zero_norm": pa.array(zero),
-    })
+    return pa.table(
+        {
+            "id": _as_text(table.column("id")),
+            "file": pa.array(np.full(len(table), file_index, dtype=np.int32)),
+            "row": pa.array(np.arange(len(table), dtype=np.int64)),
+            "dim": pa.array(lengths),
+            "non_finite": pa.array(~finite),
+            "zero_norm": pa.array(zero),
+        }
+    )
 
 
 # --- joining and ranking ---------------------------------------------------------------------------
@@ -181,8 +187,13 @@ def _first_occurrences(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
 def _excluded(ids: pa.Array | pa.ChunkedArray, reason: Excluded, detail: list[str] | str = "") -> pa.Table:
     n = len(ids)
     details = detail if isinstance(detail, list) else [detail] * n
-    return pa.table({"id": _as_text(ids), "reason": pa.array([reason.value] * n, pa.string()),
-                     "detail": pa.array(details, pa.string())})
+    return pa.table(
+        {
+            "id": _as_text(ids),
+            "reason": pa.array([reason.value] * n, pa.string()),
+            "detail": pa.array(details, pa.string()),
+        }
+    )
 
 
 def plan_candidates(scores: pa.Table, scans: list[pa.Table], files: list[str]) -> CandidatePlan:
@@ -200,13 +211,19 @@ def plan_candidates(scores: pa.Table, scans: list[pa.Table], files: list[str]) -
     bad = ~np.isfinite(score_values)  # null scores arrive as NaN
     bad_score_ids = scores.filter(pa.array(bad)).column("id")
     if bad.any():
-        excluded.append(_excluded(bad_score_ids, Excluded.BAD_SCORE,
-                                  [repr(v) for v in score_values[bad].tolist()]))
+        excluded.append(
+            _excluded(bad_score_ids, Excluded.BAD_SCORE, [repr(v) for v in score_values[bad].tolist()])
+        )
         scores = scores.filter(pa.array(~bad))
     first = _first_occurrences(scores.column("id")) if len(scores) else np.zeros(0, bool)
     if (~first).any():
-        excluded.append(_excluded(scores.filter(pa.array(~first)).column("id"), Excluded.DUPLICATE_SCORE,
-                                  "the first score row with this id is used"))
+        excluded.append(
+            _excluded(
+                scores.filter(pa.array(~first)).column("id"),
+                Excluded.DUPLICATE_SCORE,
+                "the first score row with this id is used",
+            )
+        )
         scores = scores.filter(pa.array(first))
 
     null_ids = pc.is_null(embedded.column("id"))
@@ -221,24 +238,35 @@ def plan_candidates(scores: pa.Table, scans: list[pa.Table], files: list[str]) -
     dim = int(values[np.argmax(counts)])  # the pool's dimension: the most common one
     status = np.full(len(embedded), "", dtype=object)
     status[dims != dim] = Excluded.WRONG_DIMENSION.value
-    status[(status == "") & embedded.column("non_finite").to_numpy(zero_copy_only=False)] = \
+    status[(status == "") & embedded.column("non_finite").to_numpy(zero_copy_only=False)] = (
         Excluded.NON_FINITE_EMBEDDING.value
-    status[(status == "") & embedded.column("zero_norm").to_numpy(zero_copy_only=False)] = Excluded.ZERO_NORM.value
+    )
+    status[(status == "") & embedded.column("zero_norm").to_numpy(zero_copy_only=False)] = (
+        Excluded.ZERO_NORM.value
+    )
     first = _first_occurrences(embedded.column("id"))
     status[(status == "") & ~first] = Excluded.DUPLICATE_EMBEDDING.value
     # An id whose first embedding row is bad is excluded for that reason; later duplicates of it too.
-    for reason in (Excluded.WRONG_DIMENSION, Excluded.NON_FINITE_EMBEDDING, Excluded.ZERO_NORM,
-                   Excluded.DUPLICATE_EMBEDDING):
+    for reason in (
+        Excluded.WRONG_DIMENSION,
+        Excluded.NON_FINITE_EMBEDDING,
+        Excluded.ZERO_NORM,
+        Excluded.DUPLICATE_EMBEDDING,
+    ):
         mask = status == reason.value
         if mask.any():
-            detail = ([f"dimension {d}, pool dimension {dim}" for d in dims[mask].tolist()]
-                      if reason is Excluded.WRONG_DIMENSION else "")
+            detail = (
+                [f"dimension {d}, pool dimension {dim}" for d in dims[mask].tolist()]
+                if reason is Excluded.WRONG_DIMENSION
+                else ""
+            )
             excluded.append(_excluded(embedded.filter(pa.array(mask)).column("id"), reason, detail))
     usable = embedded.filter(pa.array(status == ""))
     bad_ids = embedded.filter(pa.array((status != "") & first)).column("id")
 
-    joined = scores.select(["id", "score", "score_file", "score_row"]).join(usable.select(["id", "file", "row"]), "id",
-                                                 join_type="full outer", use_threads=True)
+    joined = scores.select(["id", "score", "score_file", "score_row"]).join(
+        usable.select(["id", "file", "row"]), "id", join_type="full outer", use_threads=True
+    )
     no_embedding = pc.is_null(joined.column("file"))
     no_score = pc.is_null(joined.column("score"))
     lacking = joined.filter(pc.and_(no_embedding, pc.invert(pc.is_in(joined.column("id"), bad_ids))))
@@ -257,12 +285,21 @@ def plan_candidates(scores: pa.Table, scans: list[pa.Table], files: list[str]) -
     for index in range(len(files)):
         mine = np.flatnonzero(file_of == index)
         rank_of_row[index][row_of[mine]] = mine
-    excluded_table = (pa.concat_tables(excluded) if excluded else EXCLUDED_SCHEMA.empty_table())
-    plan = CandidatePlan(files=files, dim=dim, ranked=ranked, rank_of_row=rank_of_row,
-                         excluded=excluded_table,
-                         pool_scores=scores.column("score").to_numpy(zero_copy_only=False))
-    plan.counts = {"score_rows": total_score_rows, "embedding_rows": total_embedding_rows,
-                   "candidates": len(ranked), "excluded": len(excluded_table)}
+    excluded_table = pa.concat_tables(excluded) if excluded else EXCLUDED_SCHEMA.empty_table()
+    plan = CandidatePlan(
+        files=files,
+        dim=dim,
+        ranked=ranked,
+        rank_of_row=rank_of_row,
+        excluded=excluded_table,
+        pool_scores=scores.column("score").to_numpy(zero_copy_only=False),
+    )
+    plan.counts = {
+        "score_rows": total_score_rows,
+        "embedding_rows": total_embedding_rows,
+        "candidates": len(ranked),
+        "excluded": len(excluded_table),
+    }
     return plan
 
 
@@ -291,8 +328,10 @@ def local_stream(plan: CandidatePlan, start_rank: int, chunk_size: int, max_byte
     remaining = len(plan.ranked) - start_rank
     needed = max(remaining, 0) * plan.dim * 4
     if needed > max_bytes:
-        raise MemoryError(f"the pool's embeddings need {needed / 2**30:.1f} GiB in the driver (limit "
-                          f"index.max_pool_bytes = {max_bytes / 2**30:.1f} GiB); use index: {{type: ray}}")
+        raise MemoryError(
+            f"the pool's embeddings need {needed / 2**30:.1f} GiB in the driver (limit "
+            f"index.max_pool_bytes = {max_bytes / 2**30:.1f} GiB); use index: {{type: ray}}"
+        )
     pool = np.empty((max(remaining, 0), plan.dim), dtype=np.float32)
     for path, ranks in zip(plan.files, plan.rank_of_row, strict=True):
         got_ranks, vectors = load_ranked_vectors(path, ranks, start_rank)
@@ -326,7 +365,9 @@ class _LoadRankedFile:
         return {"rank": np.concatenate(all_ranks), "embedding": np.concatenate(all_vectors)}
 
 
-def ray_stream(plan: CandidatePlan, start_rank: int, chunk_size: int, task_num_cpus: float) -> Iterator[Chunk]:
+def ray_stream(
+    plan: CandidatePlan, start_rank: int, chunk_size: int, task_num_cpus: float
+) -> Iterator[Chunk]:
     """Distributed: a Ray Data sort by rank over the embedding files; the driver receives one chunk
     at a time (and stops pulling when the budget is reached)."""
     import ray
@@ -334,10 +375,15 @@ def ray_stream(plan: CandidatePlan, start_rank: int, chunk_size: int, task_num_c
     if start_rank >= len(plan.ranked):
         return
     rank_refs = [ray.put(ranks) for ranks in plan.rank_of_row]
-    ds = ray.data.from_items([{"file": i} for i in range(len(plan.files))],
-                             override_num_blocks=len(plan.files))
-    ds = ds.map_batches(_LoadRankedFile(plan.files, rank_refs, start_rank, plan.dim), batch_size=1,
-                        num_cpus=task_num_cpus, batch_format="numpy")
+    ds = ray.data.from_items(
+        [{"file": i} for i in range(len(plan.files))], override_num_blocks=len(plan.files)
+    )
+    ds = ds.map_batches(
+        _LoadRankedFile(plan.files, rank_refs, start_rank, plan.dim),
+        batch_size=1,
+        num_cpus=task_num_cpus,
+        batch_format="numpy",
+    )
     ds = ds.sort("rank")
     expected = start_rank
     # prefetch_batches > 1 formats batches on a thread pool and, in Ray 2.60, can hand them out of

@@ -55,8 +55,9 @@ def exact_similarities(query: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return np.array([math.fsum(row) for row in products.tolist()])
 
 
-def conflicts_from_block(sims: np.ndarray, queries: np.ndarray, keys: np.ndarray, threshold: float,
-                         band: float) -> tuple[np.ndarray, int]:
+def conflicts_from_block(
+    sims: np.ndarray, queries: np.ndarray, keys: np.ndarray, threshold: float, band: float
+) -> tuple[np.ndarray, int]:
     """conflict[i] = some key has exact similarity > τ with query i, from the float32 block `sims`
     (queries × keys); returns (conflict, number of exact re-checks)."""
     conflict = (sims > threshold + band).any(axis=1)
@@ -77,8 +78,14 @@ class ChunkResult:
     rechecks: int
 
 
-def resolve_chunk(vectors: np.ndarray, blocked: np.ndarray, prior_max: np.ndarray, threshold: float,
-                  band: float, budget_left: int) -> ChunkResult:
+def resolve_chunk(
+    vectors: np.ndarray,
+    blocked: np.ndarray,
+    prior_max: np.ndarray,
+    threshold: float,
+    band: float,
+    budget_left: int,
+) -> ChunkResult:
     """Step 2: sequential greedy inside a chunk whose candidates were already compared with the
     accepted set (`blocked` = conflicts with it, `prior_max` = max similarity to it, −inf if empty)."""
     n = len(vectors)
@@ -96,7 +103,7 @@ def resolve_chunk(vectors: np.ndarray, blocked: np.ndarray, prior_max: np.ndarra
         if len(accepted) >= budget_left:
             scanned = i
             break
-        earlier = cols[starts[i]:starts[i + 1]]
+        earlier = cols[starts[i] : starts[i + 1]]
         earlier = earlier[is_accepted[earlier]]
         if blocked[i]:
             continue
@@ -130,20 +137,23 @@ def greedy_step(index, vectors: np.ndarray, threshold: float, band: float, budge
     return result
 
 
-def greedy_select(unit_vectors: np.ndarray, threshold: float, budget: int, chunk_size: int,
-                  index=None) -> np.ndarray:
+def greedy_select(
+    unit_vectors: np.ndarray, threshold: float, budget: int, chunk_size: int, index=None
+) -> np.ndarray:
     """Accepted positions of rank-ordered float32 unit vectors (in-memory path; the pipeline streams
     the same steps). `index` defaults to a numpy LocalIndex."""
     from deita_ray.selection.index import LocalIndex
 
     band = rounding_band(unit_vectors.shape[1])
-    index = index if index is not None else LocalIndex(unit_vectors.shape[1], threshold, band, capacity=budget)
+    index = (
+        index if index is not None else LocalIndex(unit_vectors.shape[1], threshold, band, capacity=budget)
+    )
     accepted: list[np.ndarray] = []
     total = 0
     for start in range(0, len(unit_vectors), chunk_size):
         if total >= budget:
             break
-        result = greedy_step(index, unit_vectors[start:start + chunk_size], threshold, band, budget - total)
+        result = greedy_step(index, unit_vectors[start : start + chunk_size], threshold, band, budget - total)
         accepted.append(result.accepted + start)
         total += len(result.accepted)
     return np.concatenate(accepted) if accepted else np.zeros(0, dtype=np.int64)

@@ -47,8 +47,15 @@ class LocalIndex:
     """The accepted vectors of one process. `library`: numpy (CPU BLAS), torch (CPU or CUDA; TF32
     disabled so the float32 error bound holds) or faiss (`IndexFlatIP`)."""
 
-    def __init__(self, dim: int, threshold: float, band: float, library: str = "numpy",
-                 device: str = "auto", capacity: int = 1024) -> None:
+    def __init__(
+        self,
+        dim: int,
+        threshold: float,
+        band: float,
+        library: str = "numpy",
+        device: str = "auto",
+        capacity: int = 1024,
+    ) -> None:
         self.dim, self.threshold, self.band, self.library = dim, threshold, band, library
         # The float32 host copy is the source for exact re-checks (and the numpy path's matrix).
         self.vectors = np.empty((max(capacity, 1), dim), dtype=np.float32)
@@ -65,8 +72,9 @@ class LocalIndex:
             try:
                 import faiss
             except ImportError as exc:
-                raise ImportError("faiss is needed for index library 'faiss': pip install 'deita-ray[index]' "
-                                  "(faiss-cpu)") from exc
+                raise ImportError(
+                    "faiss is needed for index library 'faiss': pip install 'deita-ray[index]' (faiss-cpu)"
+                ) from exc
             self._faiss = faiss.IndexFlatIP(dim)
         elif library != "numpy":
             raise ValueError(f"unknown index library {library!r}; choose numpy, torch or faiss")
@@ -88,11 +96,11 @@ class LocalIndex:
                 rows = torch.empty((capacity, self.dim), dtype=torch.float32, device=self.device)
                 rows[: self.size] = self._torch_rows[: self.size]
                 self._torch_rows = rows
-        self.vectors[self.size: needed] = vectors
+        self.vectors[self.size : needed] = vectors
         if self._torch_rows is not None:
             import torch
 
-            self._torch_rows[self.size: needed] = torch.from_numpy(vectors).to(self.device)
+            self._torch_rows[self.size : needed] = torch.from_numpy(vectors).to(self.device)
         if self._faiss is not None:
             self._faiss.add(vectors)
         self.size = needed
@@ -118,7 +126,8 @@ class LocalIndex:
             else:
                 sims = queries @ self.vectors[start:stop].T
             block_conflict, block_rechecks = conflicts_from_block(
-                sims, queries, self.vectors[start:stop], self.threshold, self.band)
+                sims, queries, self.vectors[start:stop], self.threshold, self.band
+            )
             conflict |= block_conflict
             np.maximum(max_sim, sims.max(axis=1), out=max_sim)
             rechecks += block_rechecks
@@ -131,11 +140,12 @@ class LocalIndex:
         rechecks = 0
         # Only candidates whose best match lies in the band need all their near neighbours checked.
         for i in np.flatnonzero(~conflict & (max_sim > self.threshold - self.band)):
-            _, _, labels = self._faiss.range_search(queries[i: i + 1], self.threshold - self.band)
+            _, _, labels = self._faiss.range_search(queries[i : i + 1], self.threshold - self.band)
             near = np.asarray(labels, dtype=np.int64)
             sims = self.vectors[near] @ queries[i]
             block_conflict, block_rechecks = conflicts_from_block(
-                sims[None, :], queries[i: i + 1], self.vectors[near], self.threshold, self.band)
+                sims[None, :], queries[i : i + 1], self.vectors[near], self.threshold, self.band
+            )
             conflict[i] = block_conflict[0]
             rechecks += block_rechecks
         return conflict, max_sim, rechecks
@@ -148,8 +158,9 @@ class LocalIndex:
 class IndexShard:
     """Ray actor holding one row-shard of the accepted set (GPU when it has one and asks for torch)."""
 
-    def __init__(self, dim: int, threshold: float, band: float, library: str, device: str,
-                 capacity: int) -> None:
+    def __init__(
+        self, dim: int, threshold: float, band: float, library: str, device: str, capacity: int
+    ) -> None:
         self.index = LocalIndex(dim, threshold, band, library, device, capacity)
 
     def add(self, vectors: np.ndarray) -> int:
@@ -162,8 +173,12 @@ class IndexShard:
     def describe(self) -> dict[str, Any]:
         import os
 
-        return {"rows": len(self.index), "library": self.index.library, "device": self.index.device,
-                "pid": os.getpid()}
+        return {
+            "rows": len(self.index),
+            "library": self.index.library,
+            "device": self.index.device,
+            "pid": os.getpid(),
+        }
 
 
 class ShardedIndex:
@@ -178,22 +193,49 @@ class ShardedIndex:
         self._pending_adds: list[Any] = []
 
     @classmethod
-    def on_ray(cls, dim: int, threshold: float, band: float, *, num_shards: int, library: str, device: str,
-               capacity: int, num_cpus: float, num_gpus: float) -> ShardedIndex:
+    def on_ray(
+        cls,
+        dim: int,
+        threshold: float,
+        band: float,
+        *,
+        num_shards: int,
+        library: str,
+        device: str,
+        capacity: int,
+        num_cpus: float,
+        num_gpus: float,
+    ) -> ShardedIndex:
         import ray
 
         # No restarts: a restarted shard would come back empty. The driver fails instead, and the
         # re-run resumes from the last checkpoint (which holds the accepted set).
         actor = ray.remote(IndexShard).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
         per_shard = capacity // num_shards + 1
-        return cls([actor.remote(dim, threshold, band, library, device, per_shard) for _ in range(num_shards)],
-                   remote=True)
+        return cls(
+            [actor.remote(dim, threshold, band, library, device, per_shard) for _ in range(num_shards)],
+            remote=True,
+        )
 
     @classmethod
-    def in_process(cls, dim: int, threshold: float, band: float, *, num_shards: int, library: str = "numpy",
-                   device: str = "cpu", capacity: int = 1024) -> ShardedIndex:
-        return cls([IndexShard(dim, threshold, band, library, device, capacity // num_shards + 1)
-                    for _ in range(num_shards)], remote=False)
+    def in_process(
+        cls,
+        dim: int,
+        threshold: float,
+        band: float,
+        *,
+        num_shards: int,
+        library: str = "numpy",
+        device: str = "cpu",
+        capacity: int = 1024,
+    ) -> ShardedIndex:
+        return cls(
+            [
+                IndexShard(dim, threshold, band, library, device, capacity // num_shards + 1)
+                for _ in range(num_shards)
+            ],
+            remote=False,
+        )
 
     def __len__(self) -> int:
         return sum(self.rows)
@@ -207,7 +249,7 @@ class ShardedIndex:
         for k in range(count):
             take = total // count + (1 if k < total % count else 0) - self.rows[k]
             if take > 0:
-                part = vectors[start:start + take]
+                part = vectors[start : start + take]
                 if self.remote:
                     import ray
 

@@ -80,8 +80,10 @@ def load_checkpoint(root: str, dim: int) -> ScanState:
     state.scanned, state.rechecks, state.parts = cursor["scanned"], cursor["rechecks"], cursor["parts"]
     state.unsaved_from = (len(state.accepted_ranks), len(state.scan_ranks))
     if state.accepted != cursor["accepted"]:
-        raise RuntimeError(f"{root}/{CHECKPOINT_DIR} is inconsistent ({state.accepted} accepted rows, "
-                           f"cursor says {cursor['accepted']}); re-run with --overwrite")
+        raise RuntimeError(
+            f"{root}/{CHECKPOINT_DIR} is inconsistent ({state.accepted} accepted rows, "
+            f"cursor says {cursor['accepted']}); re-run with --overwrite"
+        )
     return state
 
 
@@ -91,19 +93,33 @@ def write_checkpoint(root: str, state: ScanState, dim: int) -> None:
     ranks = np.concatenate(state.accepted_ranks[acc_from:] or [np.zeros(0, np.int64)])
     vectors = np.concatenate(state.accepted_vectors[acc_from:] or [np.zeros((0, dim), np.float32)])
     flat = pa.array(vectors.reshape(-1).astype(np.float32))
-    accepted = pa.table({"rank": pa.array(ranks, pa.int64()),
-                         "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
-    scan = pa.table({
-        "rank": pa.array(np.concatenate(state.scan_ranks[scan_from:] or [np.zeros(0, np.int64)]), pa.int64()),
-        "max_sim": pa.array(np.concatenate(state.scan_max_sim[scan_from:] or [np.zeros(0, np.float32)])),
-        "accepted": pa.array(np.concatenate(state.scan_accepted[scan_from:] or [np.zeros(0, bool)])),
-    })
+    accepted = pa.table(
+        {"rank": pa.array(ranks, pa.int64()), "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)}
+    )
+    scan = pa.table(
+        {
+            "rank": pa.array(
+                np.concatenate(state.scan_ranks[scan_from:] or [np.zeros(0, np.int64)]), pa.int64()
+            ),
+            "max_sim": pa.array(np.concatenate(state.scan_max_sim[scan_from:] or [np.zeros(0, np.float32)])),
+            "accepted": pa.array(np.concatenate(state.scan_accepted[scan_from:] or [np.zeros(0, bool)])),
+        }
+    )
     directory = f"{root}/{CHECKPOINT_DIR}"
     io.atomic_write_bytes(f"{directory}/scan-{state.parts:06d}.parquet", io.table_to_parquet_bytes(scan))
-    io.atomic_write_bytes(f"{directory}/accepted-{state.parts:06d}.parquet", io.table_to_parquet_bytes(accepted))
+    io.atomic_write_bytes(
+        f"{directory}/accepted-{state.parts:06d}.parquet", io.table_to_parquet_bytes(accepted)
+    )
     state.parts += 1
-    io.atomic_write_json(f"{directory}/cursor.json", {"parts": state.parts, "scanned": state.scanned,
-                                                      "accepted": state.accepted, "rechecks": state.rechecks})
+    io.atomic_write_json(
+        f"{directory}/cursor.json",
+        {
+            "parts": state.parts,
+            "scanned": state.scanned,
+            "accepted": state.accepted,
+            "rechecks": state.rechecks,
+        },
+    )
     state.unsaved_from = (len(state.accepted_ranks), len(state.scan_ranks))
 
 
@@ -113,9 +129,17 @@ def write_checkpoint(root: str, state: ScanState, dim: int) -> None:
 def _make_index(config: SelectConfig, dim: int, band: float):
     index = config.index
     if isinstance(index, RayIndexConfig):
-        return ShardedIndex.on_ray(dim, config.threshold, band, num_shards=index.num_shards,
-                                   library=index.library, device=index.device, capacity=config.budget,
-                                   num_cpus=index.shard_num_cpus, num_gpus=index.shard_num_gpus)
+        return ShardedIndex.on_ray(
+            dim,
+            config.threshold,
+            band,
+            num_shards=index.num_shards,
+            library=index.library,
+            device=index.device,
+            capacity=config.budget,
+            num_cpus=index.shard_num_cpus,
+            num_gpus=index.shard_num_gpus,
+        )
     return LocalIndex(dim, config.threshold, band, index.library, index.device, capacity=config.budget)
 
 
@@ -153,8 +177,13 @@ def scan(config: SelectConfig, plan: cand.CandidatePlan, state: ScanState) -> Sc
                 last_checkpoint = now
             if now - last_log > 10:
                 last_log = now
-                logger.warning("deita-ray select: scanned %d / %d candidates, accepted %d / %d",
-                               state.scanned, len(plan.ranked), state.accepted, config.budget)
+                logger.warning(
+                    "deita-ray select: scanned %d / %d candidates, accepted %d / %d",
+                    state.scanned,
+                    len(plan.ranked),
+                    state.accepted,
+                    config.budget,
+                )
         write_checkpoint(config.output, state, plan.dim)
     finally:
         index.close()
@@ -187,12 +216,15 @@ def _messages(row: dict[str, Any]) -> list[dict[str, str]] | None:
         elif isinstance(turn, dict) and "from" in turn:
             from deita_ray.records import ROLE_ALIASES
 
-            messages.append({"role": ROLE_ALIASES.get(turn["from"], turn["from"]), "content": turn.get("value")})
+            messages.append(
+                {"role": ROLE_ALIASES.get(turn["from"], turn["from"]), "content": turn.get("value")}
+            )
     return messages
 
 
-def selected_rows(config: SelectConfig, plan: cand.CandidatePlan, state: ScanState,
-                  score_paths: list[str]) -> list[dict[str, Any]]:
+def selected_rows(
+    config: SelectConfig, plan: cand.CandidatePlan, state: ScanState, score_paths: list[str]
+) -> list[dict[str, Any]]:
     """The accepted samples in acceptance order, with their full score rows."""
     ranks = np.concatenate(state.accepted_ranks or [np.zeros(0, np.int64)]).astype(np.int64)
     picked = plan.ranked.take(pa.array(ranks))
@@ -204,20 +236,25 @@ def selected_rows(config: SelectConfig, plan: cand.CandidatePlan, state: ScanSta
     full: list[dict[str, Any] | None] = [None] * len(ranks)
     for file_index in np.unique(files):
         positions = np.flatnonzero(files == file_index)
-        for position, row in zip(positions, _read_score_rows(score_paths[file_index], rows[positions]),
-                                 strict=True):
+        for position, row in zip(
+            positions, _read_score_rows(score_paths[file_index], rows[positions]), strict=True
+        ):
             full[position] = row
     out = []
     for position, (rank, source) in enumerate(zip(ranks.tolist(), full, strict=True)):
         assert source is not None
         messages = _messages(source)
-        record: dict[str, Any] = {"id": plan.ranked.column("id")[rank].as_py(), "rank": position + 1,
-                                  config.score_column: source.get(config.score_column),
-                                  "max_similarity": cand.finite_or_none(float(max_sim[rank])),
-                                  "messages": messages}
+        record: dict[str, Any] = {
+            "id": plan.ranked.column("id")[rank].as_py(),
+            "rank": position + 1,
+            config.score_column: source.get(config.score_column),
+            "max_similarity": cand.finite_or_none(float(max_sim[rank])),
+            "messages": messages,
+        }
         if config.sharegpt and messages is not None:
-            record["conversations"] = [{"from": SHAREGPT_ROLES.get(m["role"], m["role"]), "value": m["content"]}
-                                       for m in messages]
+            record["conversations"] = [
+                {"from": SHAREGPT_ROLES.get(m["role"], m["role"]), "value": m["content"]} for m in messages
+            ]
         for key, value in source.items():
             if key not in record and key not in ("conversations", "messages"):
                 record[key] = value
@@ -273,8 +310,13 @@ def run_select(config: SelectConfig) -> dict[str, Any]:
     started = time.perf_counter()
     score_paths = cand.score_files(config.scores)
     embedding_paths = cand.embedding_files(config.embeddings)
-    shards.claim_output(config.output, config.result_fingerprint(), config.model_dump(mode="json"),
-                        config.overwrite, owned=(CHECKPOINT_DIR,) + OUTPUTS)
+    shards.claim_output(
+        config.output,
+        config.result_fingerprint(),
+        config.model_dump(mode="json"),
+        config.overwrite,
+        owned=(CHECKPOINT_DIR,) + OUTPUTS,
+    )
     report_path = f"{config.output}/report.json"
     if io.exists(report_path):
         logger.warning("deita-ray select: %s is complete for this config", config.output)
@@ -286,20 +328,29 @@ def run_select(config: SelectConfig) -> dict[str, Any]:
     planned = time.perf_counter()
     state = load_checkpoint(config.output, plan.dim)
     resumed_from = state.scanned
-    logger.warning("deita-ray select: %d candidates (%d excluded), budget %d, τ=%s%s", len(plan.ranked),
-                   len(plan.excluded), config.budget, config.threshold,
-                   f", resuming at candidate {resumed_from}" if resumed_from else "")
+    logger.warning(
+        "deita-ray select: %d candidates (%d excluded), budget %d, τ=%s%s",
+        len(plan.ranked),
+        len(plan.excluded),
+        config.budget,
+        config.threshold,
+        f", resuming at candidate {resumed_from}" if resumed_from else "",
+    )
     if state.accepted < config.budget and state.scanned < len(plan.ranked):
         state = scan(config, plan, state)
     scanned_at = time.perf_counter()
     rows = selected_rows(config, plan, state, score_paths)
     write_outputs(config, rows, plan)
-    timings = {"plan_seconds": planned - started, "scan_seconds": scanned_at - planned,
-               "total_seconds": time.perf_counter() - started}
+    timings = {
+        "plan_seconds": planned - started,
+        "scan_seconds": scanned_at - planned,
+        "total_seconds": time.perf_counter() - started,
+    }
     from deita_ray.selection.report import build_report, write_plots
 
-    report = build_report(config, plan, state, rows, timings, resumed_from,
-                          cand.embedding_metadata(embedding_paths))
+    report = build_report(
+        config, plan, state, rows, timings, resumed_from, cand.embedding_metadata(embedding_paths)
+    )
     if config.plots:
         report["plots"] = write_plots(config.output, plan, state, rows, config)
     io.atomic_write_json(report_path, report)

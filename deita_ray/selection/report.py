@@ -16,8 +16,15 @@ def _concat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def build_report(config: SelectConfig, plan: Any, state: Any, rows: list[dict[str, Any]],
-                 timings: dict[str, float], resumed_from: int, embedding_metadata: dict[str, Any]) -> dict[str, Any]:
+def build_report(
+    config: SelectConfig,
+    plan: Any,
+    state: Any,
+    rows: list[dict[str, Any]],
+    timings: dict[str, float],
+    resumed_from: int,
+    embedding_metadata: dict[str, Any],
+) -> dict[str, Any]:
     candidates = len(plan.ranked)
     selected = len(rows)
     budget_reached = selected >= config.budget
@@ -49,17 +56,22 @@ def build_report(config: SelectConfig, plan: Any, state: Any, rows: list[dict[st
         "resumed_from_candidate": resumed_from,
         "timings": timings,
         "throughput": {"candidates_per_s": scanned_this_run / scan_seconds if scan_seconds else None},
-        "files": {name: f"{config.output}/{name}" for name in
-                  ("selected.jsonl", "selected.parquet", "excluded.parquet")},
+        "files": {
+            name: f"{config.output}/{name}"
+            for name in ("selected.jsonl", "selected.parquet", "excluded.parquet")
+        },
     }
     if not budget_reached:
-        report["note"] = (f"the pool ran out before the budget: {selected} selected of {config.budget} "
-                          f"({candidates} candidates, {len(plan.excluded)} excluded rows)")
+        report["note"] = (
+            f"the pool ran out before the budget: {selected} selected of {config.budget} "
+            f"({candidates} candidates, {len(plan.excluded)} excluded rows)"
+        )
     return report
 
 
-def write_plots(output: str, plan: Any, state: Any, rows: list[dict[str, Any]],
-                config: SelectConfig) -> list[str]:
+def write_plots(
+    output: str, plan: Any, state: Any, rows: list[dict[str, Any]], config: SelectConfig
+) -> list[str]:
     """score_distribution.png, max_similarity.png, acceptance_along_scan.png under OUTPUT/plots/."""
     import matplotlib
 
