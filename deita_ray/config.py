@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -423,6 +424,11 @@ class RayIndexConfig(_Strict):
     )
     shard_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each index actor.")
     task_num_cpus: float = Field(0.25, gt=0, description="CPUs per embedding read/validate task.")
+    first_window: int | None = Field(
+        None, gt=0,
+        description="Ranks sorted and streamed in the first pass (later windows double). Default: "
+        "max(4 × budget, 16 × chunk_size) — the scan usually ends at the budget well before the pool does.",
+    )
 
 
 IndexConfig = Annotated[LocalIndexConfig | RayIndexConfig, Field(discriminator="type")]
@@ -557,9 +563,31 @@ class RunConfig(_Strict):
         return score, embed, select
 
 
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: Any, where: str = "config") -> Any:
+    """Replace every `${NAME}` inside the string values (not the keys) of a loaded config with the
+    environment variable NAME, so one shipped config serves machines whose model paths or buckets
+    differ. An unset variable is an error naming it and the key: an empty string would surface later,
+    far away, as a missing model."""
+    if isinstance(value, dict):
+        return {key: expand_env(item, f"{where}.{key}") for key, item in value.items()}
+    if isinstance(value, list):
+        return [expand_env(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+    missing = [name for name in _ENV_REFERENCE.findall(value) if name not in os.environ]
+    if missing:
+        raise ValueError(f"{where}: environment variable {', '.join(sorted(set(missing)))} is not set "
+                         f"(the value {value!r} refers to it)")
+    return _ENV_REFERENCE.sub(lambda match: os.environ[match.group(1)], value)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a mapping, with `${NAME}` references to environment variables expanded."""
     with open(path, encoding="utf-8") as handle:
         data = yaml.safe_load(handle) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+    return expand_env(data, str(path))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from deita_ray.config import RunConfig
 

@@ -321,6 +321,24 @@ def test_ray_index_equals_local(tmp_path: Path, ray_local) -> None:  # noqa: F81
         tmp_path / "local" / "selected.jsonl"
     ).read_text()
 
+    # Small rank windows (several Ray Data sorts), checkpoints after every chunk, and a resume from
+    # the middle of a window: the cursor is rolled back as if the driver died there.
+    windowed = {"type": "ray", "num_shards": 3, "first_window": 70}
+    select(tmp_path, "win", budget=150, threshold=0.85, chunk_size=32, plots=False, index=windowed,
+           checkpoint_interval_s=0)
+    assert selected_ids(tmp_path / "win") == selected_ids(tmp_path / "local")
+    cursor_path = tmp_path / "win" / "_checkpoint" / "cursor.json"
+    cursor = json.loads(cursor_path.read_text())
+    assert cursor["parts"] >= 4
+    scans = [pq.read_table(tmp_path / "win" / "_checkpoint" / f"scan-{k:06d}.parquet") for k in range(3)]
+    accepted = [pq.read_table(tmp_path / "win" / "_checkpoint" / f"accepted-{k:06d}.parquet") for k in range(3)]
+    cursor_path.write_text(json.dumps({"parts": 3, "scanned": sum(len(t) for t in scans),
+                                       "accepted": sum(len(t) for t in accepted), "rechecks": 0}))
+    (tmp_path / "win" / "report.json").unlink()
+    resumed = select(tmp_path, "win", budget=150, threshold=0.85, chunk_size=32, plots=False, index=windowed)
+    assert resumed["resumed_from_candidate"] == 96
+    assert selected_ids(tmp_path / "win") == selected_ids(tmp_path / "local")
+
 
 @pytest.mark.integration
 def test_killed_selection_resumes_to_the_same_result(tmp_path: Path) -> None:

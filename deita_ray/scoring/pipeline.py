@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from deita_ray import io, shards
-from deita_ray.config import ScoreConfig
+from deita_ray.config import EmbedConfig, ScoreConfig
 from deita_ray.plan import Unit, attach_duplicates, find_duplicates, iter_source_rows, plan_file
 from deita_ray.records import Reject, RejectReason, normalize_row
 
@@ -58,7 +58,7 @@ class ReadUnitStage:
 
     inputs = ("unit",)
 
-    def __init__(self, config: ScoreConfig) -> None:
+    def __init__(self, config: ScoreConfig | EmbedConfig) -> None:  # embed reads raw pools the same way
         self.id_field = config.id_field
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -231,7 +231,7 @@ def _connect_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
 
 
-def plan_units(config: ScoreConfig, files: list[str] | None = None) -> list[Unit]:
+def plan_units(config: ScoreConfig | EmbedConfig, files: list[str] | None = None) -> list[Unit]:
     """Plan (or reload the cached plan of) the whole input; `files` = the expanded inputs, if the
     caller listed them already."""
     import ray
@@ -262,7 +262,10 @@ def build_dataset(config: ScoreConfig, pending: list[Unit]):
     # Bounded retries (infrastructure failures only: Ray Data does not retry a UDF's own exception).
     # Ray 2.60 has no named parameter for these yet and warns about passing them as remote args.
     task_args = {"num_cpus": resources.task_num_cpus, "max_retries": resources.max_task_retries}
-    actor_args = {"max_restarts": resources.max_task_retries, "max_task_retries": resources.max_task_retries}
+    # The actor's budget is its restarts. Its calls retry for as long as it can come back (-1: Ray stops
+    # once the actor is dead for good): a lost node makes every call fail fast ("actor unavailable")
+    # until the node is declared dead, and a per-call budget was spent there before the actor restarted.
+    actor_args = {"max_restarts": resources.max_task_retries, "max_task_retries": -1}
     ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in pending],
                              override_num_blocks=max(1, len(pending)))
     with warnings.catch_warnings():

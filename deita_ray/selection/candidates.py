@@ -312,9 +312,11 @@ class Chunk:
     vectors: np.ndarray  # float32 unit rows
 
 
-def load_ranked_vectors(path: str, ranks: np.ndarray, start_rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ranks, unit vectors) of the candidate rows of one embedding file with rank ≥ start_rank."""
-    keep = np.flatnonzero(ranks >= start_rank)
+def load_ranked_vectors(
+    path: str, ranks: np.ndarray, start_rank: int, end_rank: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ranks, unit vectors) of the candidate rows of one embedding file with rank in [start, end)."""
+    keep = np.flatnonzero((ranks >= start_rank) & (ranks < (end_rank if end_rank is not None else np.inf)))
     if not len(keep):
         return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
     column = pq.read_table(path, columns=["embedding"]).column("embedding")
@@ -343,12 +345,12 @@ def local_stream(plan: CandidatePlan, start_rank: int, chunk_size: int, max_byte
 
 
 class _LoadRankedFile:
-    """Ray Data stage: one embedding file → its candidate rows (rank, unit vector), rank ≥ start."""
+    """Ray Data stage: one embedding file → its candidate rows (rank, unit vector) in a rank window."""
 
     inputs = ("file",)
 
-    def __init__(self, files: list[str], rank_refs: list[Any], start_rank: int, dim: int) -> None:
-        self.files, self.rank_refs, self.start_rank, self.dim = files, rank_refs, start_rank, dim
+    def __init__(self, files: list[str], rank_refs: list[Any], window: tuple[int, int], dim: int) -> None:
+        self.files, self.rank_refs, self.window, self.dim = files, rank_refs, window, dim
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
@@ -358,7 +360,7 @@ class _LoadRankedFile:
         all_ranks, all_vectors = [np.zeros(0, dtype=np.int64)], [np.zeros((0, self.dim), np.float32)]
         for index in batch["file"].tolist():
             ranks = ray.get(self.rank_refs[index])
-            got_ranks, vectors = load_ranked_vectors(self.files[index], ranks, self.start_rank)
+            got_ranks, vectors = load_ranked_vectors(self.files[index], ranks, *self.window)
             if len(got_ranks):
                 all_ranks.append(got_ranks)
                 all_vectors.append(vectors)
@@ -366,34 +368,37 @@ class _LoadRankedFile:
 
 
 def ray_stream(
-    plan: CandidatePlan, start_rank: int, chunk_size: int, task_num_cpus: float
+    plan: CandidatePlan, start_rank: int, chunk_size: int, task_num_cpus: float, first_window: int
 ) -> Iterator[Chunk]:
-    """Distributed: a Ray Data sort by rank over the embedding files; the driver receives one chunk
-    at a time (and stops pulling when the budget is reached)."""
+    """Distributed: Ray Data sorts the candidates of a rank window [start, start + w) by rank and the
+    driver pulls one chunk at a time. A scan usually stops at the budget long before the end of the
+    pool, so windows start at `first_window` ranks and double: the pool is read once per window
+    (only files holding ranks of the window), but only the window's vectors are shuffled."""
     import ray
 
-    if start_rank >= len(plan.ranked):
-        return
     rank_refs = [ray.put(ranks) for ranks in plan.rank_of_row]
-    ds = ray.data.from_items(
-        [{"file": i} for i in range(len(plan.files))], override_num_blocks=len(plan.files)
-    )
-    ds = ds.map_batches(
-        _LoadRankedFile(plan.files, rank_refs, start_rank, plan.dim),
-        batch_size=1,
-        num_cpus=task_num_cpus,
-        batch_format="numpy",
-    )
-    ds = ds.sort("rank")
-    expected = start_rank
-    # prefetch_batches > 1 formats batches on a thread pool and, in Ray 2.60, can hand them out of
-    # order (seen in testing); the check below would catch it, the setting avoids it.
-    for batch in ds.iter_batches(batch_size=chunk_size, batch_format="numpy", prefetch_batches=1):
-        ranks = batch["rank"].astype(np.int64)
-        if not np.array_equal(ranks, np.arange(expected, expected + len(ranks))):
-            raise RuntimeError(f"candidate stream out of order at rank {expected} (got {ranks[:3]}...)")
-        expected += len(ranks)
-        yield Chunk(ranks, np.ascontiguousarray(batch["embedding"], dtype=np.float32))
+    expected, window = start_rank, first_window
+    while expected < len(plan.ranked):
+        end = min(len(plan.ranked), expected + window)
+        files = [i for i, ranks in enumerate(plan.rank_of_row) if ((ranks >= expected) & (ranks < end)).any()]
+        ds = ray.data.from_items([{"file": i} for i in files], override_num_blocks=len(files))
+        ds = ds.map_batches(
+            _LoadRankedFile(plan.files, rank_refs, (expected, end), plan.dim),
+            batch_size=1,
+            num_cpus=task_num_cpus,
+            batch_format="numpy",
+        )
+        # prefetch_batches > 1 formats batches on a thread pool and, in Ray 2.60, can hand them out
+        # of order (seen in testing); the check below would catch it, the setting avoids it.
+        for batch in ds.sort("rank").iter_batches(batch_size=chunk_size, batch_format="numpy", prefetch_batches=1):
+            ranks = batch["rank"].astype(np.int64)
+            if not np.array_equal(ranks, np.arange(expected, expected + len(ranks))):
+                raise RuntimeError(f"candidate stream out of order at rank {expected} (got {ranks[:3]}...)")
+            expected += len(ranks)
+            yield Chunk(ranks, np.ascontiguousarray(batch["embedding"], dtype=np.float32))
+        if expected != end:
+            raise RuntimeError(f"candidate stream lost rows: window ended at rank {expected}, expected {end}")
+        window *= 2
 
 
 def finite_or_none(value: float) -> float | None:

@@ -145,7 +145,8 @@ def _make_index(config: SelectConfig, dim: int, band: float):
 
 def _stream(config: SelectConfig, plan: cand.CandidatePlan, start_rank: int):
     if isinstance(config.index, RayIndexConfig):
-        return cand.ray_stream(plan, start_rank, config.chunk_size, config.index.task_num_cpus)
+        first_window = config.index.first_window or max(4 * config.budget, 16 * config.chunk_size)
+        return cand.ray_stream(plan, start_rank, config.chunk_size, config.index.task_num_cpus, first_window)
     return cand.local_stream(plan, start_rank, config.chunk_size, config.index.max_pool_bytes)
 
 

@@ -18,6 +18,7 @@ _REGISTRY = {
     "transformers": "deita_ray.scoring.backends.hf:TransformersBackend",
     "vllm": "deita_ray.scoring.backends.vllm_engine:VLLMBackend",
     "openai": "deita_ray.scoring.backends.openai_endpoint:OpenAIBackend",
+    "synthetic": "deita_ray.scoring.backends.synthetic:SyntheticBackend",
 }
 
 # One prompt's result: the six digit values in "1".."6" order, or a reason string when the backend

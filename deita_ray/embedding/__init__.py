@@ -1,0 +1,2 @@
+"""Deita's embeddings ("Repr Filter" input): conversation rendering, embedders and the Ray Data
+embedding pipeline (`deita-ray embed`)."""

@@ -1,0 +1,450 @@
+"""`deita-ray embed` on Ray Data.
+
+    plan: a scored directory's shards (one unit each, same unit id), or raw pool files planned as
+          `deita-ray score` plans them (units of `rows_per_shard` rows, duplicate ids)
+    Ray Data over pending units:
+      EmbedReadStage   (tasks)   rows → rendered texts | rejects (validation, duplicates, empty text)
+      EmbedStage       (actors)  texts → embedder (model loaded once per actor) → normalise, cast
+      EmbedWriteStage  (tasks)   embeddings/<unit>.parquet, rejects/<unit>.parquet, then _done/<unit>.json
+    summary.json (counts per reject reason, accounting identity checked, throughput)
+
+As in scoring, a Ray Data row is one work unit (payloads pickled): a unit's texts are embedded together,
+memory stays bounded by the units in flight, and each output shard has a stable identity for resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import time
+import warnings
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from deita_ray import io, shards
+from deita_ray.config import EmbedConfig
+from deita_ray.embedding.embedders import EmbedResult, make_embedder
+from deita_ray.embedding.render import RenderError, render_conversation
+from deita_ray.plan import Unit
+from deita_ray.records import RejectReason
+from deita_ray.scoring.pipeline import (
+    PLAN_DIR,
+    REJECT_SCHEMA,
+    REJECTS_DIR,
+    SCORED_DIR,
+    ReadUnitStage,
+    _connect_ray,
+    _current_node_id,
+    _reject_row,
+    _require,
+    plan_units,
+)
+
+logger = logging.getLogger("deita_ray")
+
+EMBEDDINGS_DIR = "embeddings"
+METADATA_KEY = b"deita_ray"
+SCORED_KIND = "scored"  # Unit.kind of a scored shard (raw units are jsonl/parquet)
+CANONICAL_ROLES = ("system", "user", "assistant")
+# Marker fields that describe how a unit was run rather than what it contains.
+RUN_FIELDS = ("embed_seconds", "embedded_at", "embedder_pid", "embedder_node")
+
+
+# --- input: a scored directory or raw pool files -----------------------------------------------------
+
+
+def is_scored_dir(path: str) -> bool:
+    """A `deita-ray score` output directory: config.json and a scored/ folder."""
+    return io.exists(f"{path}/config.json") and io.exists(f"{path}/{SCORED_DIR}")
+
+
+def scored_input(config: EmbedConfig) -> str | None:
+    """The scored directory the config names, or None for raw pool input (mixing both is refused: the
+    two plans would give clashing unit ids)."""
+    scored = [p for p in config.input if is_scored_dir(p)]
+    if not scored:
+        return None
+    if len(config.input) > 1:
+        raise ValueError(f"input: a scored directory ({scored[0]}) must be the only input; got "
+                         f"{len(config.input)} inputs (embed each scored directory into its own output)")
+    return scored[0].rstrip("/")
+
+
+def scored_fingerprint(scored_dir: str) -> str:
+    """Short hash of the scoring config that made `scored_dir`: re-scoring it differently in place
+    makes a resumed embed run refuse, instead of mixing embeddings of two scorings."""
+    fingerprint = io.read_json(f"{scored_dir}/config.json").get("fingerprint", {})
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_scored_units(scored_dir: str) -> list[Unit]:
+    """One unit per scored shard, with the shard's own unit id. Refuses an unfinished scoring run."""
+    files = io.list_files(f"{scored_dir}/{SCORED_DIR}", ".parquet")
+    done = shards.completed_units(scored_dir)
+    unit_ids = [path.rsplit("/", 1)[-1][: -len(".parquet")] for path in files]
+    planned = set(unit_ids)
+    plan_path = f"{scored_dir}/{PLAN_DIR}/plan.json"
+    if io.exists(plan_path):
+        planned |= {u["unit_id"] for u in io.read_json(plan_path)["units"]}
+    unfinished = sorted(planned - done)
+    if unfinished:
+        raise ValueError(f"{scored_dir}: scoring is not finished ({len(planned) - len(unfinished)} of "
+                         f"{len(planned)} units done, e.g. {unfinished[0]} is not); re-run `deita-ray score` "
+                         "to finish it first")
+    if not files:
+        raise FileNotFoundError(f"{scored_dir}/{SCORED_DIR} holds no Parquet shards")
+    units = []
+    for index, (unit_id, path) in enumerate(zip(unit_ids, files, strict=True)):
+        fs, inner = io.filesystem(path)
+        with fs.open(inner, "rb") as handle:
+            n_rows = pq.ParquetFile(handle).metadata.num_rows
+        units.append(Unit(unit_id=unit_id, file_index=index, source_file=path, read_path=path,
+                          kind=SCORED_KIND, format=SCORED_KIND, first_row=0, n_rows=n_rows))
+    return units
+
+
+def plan_embed_units(config: EmbedConfig, scored_dir: str | None, files: list[str] | None) -> list[Unit]:
+    """The units of this output (cached in _plan/plan.json, so a resumed run has the same ones)."""
+    plan_path = f"{config.output}/{PLAN_DIR}/plan.json"
+    if scored_dir is None:
+        return plan_units(config, files)  # raw pool: exactly as `deita-ray score` plans it
+    if io.exists(plan_path):
+        return [Unit.from_dict(u) for u in io.read_json(plan_path)["units"]]
+    units = plan_scored_units(scored_dir)
+    io.atomic_write_json(plan_path, {"files": [u.source_file for u in units],
+                                     "units": [u.to_dict() for u in units]})
+    return units
+
+
+def _scored_turns_problem(conversation: Any) -> tuple[RejectReason, str] | None:
+    """Shape check of a conversation read from a scored shard (written by `score`, so normally fine)."""
+    if not isinstance(conversation, list) or not conversation:
+        return RejectReason.EMPTY_FIELD, "conversations is empty or not a list"
+    for i, turn in enumerate(conversation):
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+            return RejectReason.NON_STRING_FIELD, f"conversations[{i}] has no string content"
+        if turn.get("role") not in CANONICAL_ROLES:
+            return RejectReason.UNSUPPORTED_ROLE, f"conversations[{i}] has role {turn.get('role')!r}"
+    return None
+
+
+def read_scored_unit(unit: Unit) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(samples {id, conversations, source_row, raw}, rejects) of one scored shard."""
+    table = pq.read_table(unit.read_path, columns=["id", "conversations"])
+    samples, rejects = [], []
+    columns = zip(table.column("id").to_pylist(), table.column("conversations").to_pylist(), strict=True)
+    for row, (sample_id, conversation) in enumerate(columns):
+        raw = json.dumps({"id": sample_id, "conversations": conversation}, ensure_ascii=False)
+        problem = _scored_turns_problem(conversation)
+        if sample_id is None:
+            problem = RejectReason.MISSING_FIELD, "id is null"
+        if problem:
+            rejects.append(_reject_row(unit, row, raw, problem[0], problem[1], sample_id))
+        else:
+            samples.append({"id": str(sample_id), "conversations": conversation, "source_row": row,
+                            "raw": raw})
+    return samples, rejects
+
+
+# --- stages --------------------------------------------------------------------------------------------
+
+
+class EmbedReadStage:
+    """unit → rendered texts and rejects. In: `unit`. Out: + `samples` ({id, text, source_row, raw}),
+    `rejects`, `counts`. Raw units are read and validated by scoring's ReadUnitStage (same rejects)."""
+
+    inputs = ("unit",)
+
+    def __init__(self, config: EmbedConfig) -> None:
+        self.raw_reader = ReadUnitStage(config)
+        self.template = config.embedder.template
+        self.only_answer = config.embedder.only_answer
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        _require(row, self.inputs, type(self).__name__)
+        unit = Unit.from_dict(json.loads(row["unit"]))
+        if unit.kind == SCORED_KIND:
+            samples, rejects = read_scored_unit(unit)
+            counts = {"unit_id": unit.unit_id, "input_rows": unit.n_rows, "blank": 0}
+            if len(samples) + len(rejects) != unit.n_rows:
+                raise RuntimeError(f"unit {unit.unit_id}: planned {unit.n_rows} rows, read "
+                                   f"{len(samples) + len(rejects)}; did {unit.source_file} change?")
+        else:
+            read = self.raw_reader(row)
+            samples, rejects = pickle.loads(read["samples"]), pickle.loads(read["rejects"])
+            counts = json.loads(read["counts"])
+        texts = []
+        for sample in samples:
+            problem = None
+            try:
+                text = render_conversation(sample["conversations"], self.template, self.only_answer)
+            except RenderError as exc:
+                problem = RejectReason.BAD_ROLE_ORDER, str(exc)
+            else:
+                if not text.strip():
+                    problem = RejectReason.EMPTY_FIELD, "nothing to embed (only_answer: no assistant reply)"
+            if problem:
+                rejects.append(_reject_row(unit, sample["source_row"], sample["raw"], *problem, sample["id"]))
+                continue
+            texts.append({"id": sample["id"], "text": text, "source_row": sample["source_row"],
+                          "raw": sample["raw"]})
+        return {"unit": row["unit"], "samples": pickle.dumps(texts), "rejects": pickle.dumps(rejects),
+                "counts": json.dumps(counts)}
+
+
+def finish_vectors(vectors: np.ndarray, normalize: bool, dtype: str) -> tuple[np.ndarray, int, int]:
+    """(stored vectors, rows with a non-finite component, zero rows). Normalisation is done in float32
+    after the model; a zero (or non-finite) row is left as it is for the selection to report."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1) if len(vectors) else np.zeros(0, np.float32)
+    zero = int(np.sum(norms == 0))
+    if normalize:
+        scale = np.where((norms > 0) & np.isfinite(norms), norms, 1.0).astype(np.float32)
+        vectors = vectors / scale[:, None]
+    stored = vectors.astype(np.float16 if dtype == "float16" else np.float32)
+    non_finite = int(np.sum(~np.isfinite(stored).all(axis=1))) if len(stored) else 0
+    return stored, non_finite, zero
+
+
+class EmbedStage:
+    """Actor: embeds every text of a unit. In: `unit`, `samples`, `rejects`, `counts`. Out: + `embedded`.
+
+    Runs as a Ray Data actor pool; the model loads once per actor (in __init__, which Ray Data calls on
+    the actor) and is released in __del__ (teardown).
+    """
+
+    inputs = ("unit", "samples", "rejects", "counts")
+
+    def __init__(self, config_json: str) -> None:
+
+        config = EmbedConfig.model_validate_json(config_json)
+        self.normalize, self.embedding_dtype = config.normalize, config.embedding_dtype
+        self.embedder = make_embedder(config.model, config.embedder, config.batch_size)
+        self.embedder.setup()
+        self.pid, self.node = os.getpid(), _current_node_id()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, list] = {name: [] for name in ("unit", "embedded", "rejects", "counts")}
+        for index in range(len(batch["unit"])):
+            row = {name: batch[name][index] for name in self.inputs}
+            _require(row, self.inputs, type(self).__name__)
+            unit = Unit.from_dict(json.loads(row["unit"]))
+            samples = pickle.loads(row["samples"])
+            rejects = pickle.loads(row["rejects"])
+            counts = json.loads(row["counts"])
+            started = time.perf_counter()
+            if samples:
+                result = self.embedder.embed([s["text"] for s in samples])
+            else:  # every row of the unit was rejected or blank: an empty shard with the right schema
+                result = EmbedResult(np.zeros((0, self.embedder.dim), np.float32), [], [], [])
+            keep = [i for i, error in enumerate(result.errors) if error is None]
+            for i, error in enumerate(result.errors):
+                if error is not None:
+                    s = samples[i]
+                    rejects.append(_reject_row(unit, s["source_row"], s["raw"], RejectReason.EMPTY_FIELD,
+                                               error, s["id"]))
+            vectors, non_finite, zero = finish_vectors(result.vectors[keep], self.normalize,
+                                                       self.embedding_dtype)
+            embedded = {"ids": [samples[i]["id"] for i in keep], "vectors": vectors,
+                        "truncated": [bool(result.truncated[i]) for i in keep]}
+            counts.update(truncated=sum(embedded["truncated"]),
+                          tokens=int(sum(result.tokens[i] for i in keep)),
+                          non_finite=non_finite, zero_norm=zero, dim=self.embedder.dim,
+                          max_length=self.embedder.max_length, embed_seconds=time.perf_counter() - started,
+                          embedded_at=time.time(),  # wall clock: the warm-throughput window starts here
+                          embedder_pid=self.pid, embedder_node=self.node)
+            out["unit"].append(row["unit"])
+            out["embedded"].append(pickle.dumps(embedded))
+            out["rejects"].append(pickle.dumps(rejects))
+            out["counts"].append(json.dumps(counts))
+        return out
+
+    def __del__(self) -> None:
+        embedder = getattr(self, "embedder", None)
+        if embedder is not None:
+            embedder.teardown()
+
+
+def embeddings_table(ids: list[str], vectors: np.ndarray, truncated: list[bool], dim: int,
+                     metadata: dict[str, Any]) -> pa.Table:
+    """id, embedding (fixed_size_list<float32|float16>[dim]), truncated; schema metadata b"deita_ray"."""
+    value_type = pa.float16() if vectors.dtype == np.float16 else pa.float32()
+    flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=value_type)
+    fields = [("id", pa.string()), ("embedding", pa.list_(value_type, dim)), ("truncated", pa.bool_())]
+    schema = pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.FixedSizeListArray.from_arrays(flat, dim),
+                                 pa.array(truncated, pa.bool_())], schema=schema)
+
+
+class EmbedWriteStage:
+    """Write a unit's shards, then its marker. In: `unit`, `embedded`, `rejects`, `counts`. Out: `counts`."""
+
+    inputs = ("unit", "embedded", "rejects", "counts")
+
+    def __init__(self, config: EmbedConfig) -> None:
+        self.output = config.output
+        self.metadata = {"normalized": config.normalize, "model": config.model, "kind": config.embedder.kind,
+                         "embedding_dtype": config.embedding_dtype}
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        _require(row, self.inputs, type(self).__name__)
+        unit = Unit.from_dict(json.loads(row["unit"]))
+        embedded = pickle.loads(row["embedded"])
+        rejects = pickle.loads(row["rejects"])
+        counts = json.loads(row["counts"])
+        counts["embedded"] = len(embedded["ids"])
+        counts["rejected"] = dict(Counter(r["reason"] for r in rejects))
+        accounted = counts["blank"] + counts["embedded"] + sum(counts["rejected"].values())
+        if accounted != counts["input_rows"]:
+            raise AssertionError(f"unit {unit.unit_id}: {counts['input_rows']} rows in, "
+                                 f"{accounted} accounted")
+        table = embeddings_table(embedded["ids"], embedded["vectors"], embedded["truncated"], counts["dim"],
+                                 {"dim": counts["dim"], **self.metadata})
+        tables = {EMBEDDINGS_DIR: table, REJECTS_DIR: pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)}
+        shards.write_unit(self.output, unit.unit_id, tables, counts)
+        return {"counts": json.dumps(counts)}
+
+
+# --- driver ------------------------------------------------------------------------------------------
+
+
+def build_dataset(config: EmbedConfig, pending: list[Unit]):
+    """The streaming Ray Data pipeline over the pending units (lazy; consumed by the caller)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    resources = config.resources
+    # Bounded retries (infrastructure failures only: Ray Data does not retry a UDF's own exception).
+    task_args = {"num_cpus": resources.task_num_cpus, "max_retries": resources.max_task_retries}
+    actor_args = {"max_restarts": resources.max_task_retries, "max_task_retries": resources.max_task_retries}
+    ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in pending],
+                             override_num_blocks=max(1, len(pending)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        ds = ds.map(EmbedReadStage(config), **task_args)
+        ds = ds.map_batches(
+            EmbedStage,
+            fn_constructor_kwargs={"config_json": config.model_dump_json()},
+            batch_size=1,
+            compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
+            num_cpus=resources.actor_num_cpus,
+            num_gpus=resources.actor_num_gpus,
+            resources=resources.actor_resources or None,
+            runtime_env={"env_vars": resources.actor_env} if resources.actor_env else None,
+            **actor_args,
+        )
+        return ds.map(EmbedWriteStage(config), **task_args)
+
+
+def summarize(config: EmbedConfig, units: list[Unit], timings: dict[str, float],
+              run: dict[str, Any]) -> dict[str, Any]:
+    markers = {m["unit_id"]: m for m in shards.read_markers(config.output)}
+    missing = [u.unit_id for u in units if u.unit_id not in markers]
+    if missing:
+        raise RuntimeError(f"{len(missing)} units have no completion marker (e.g. {missing[:3]})")
+    rejected: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    for marker in markers.values():
+        rejected.update(marker["rejected"])
+        for key in ("input_rows", "blank", "embedded", "truncated", "tokens", "non_finite", "zero_norm"):
+            totals[key] += marker.get(key, 0)
+    dims = {m["dim"] for m in markers.values()}
+    if len(dims) > 1:
+        raise AssertionError(f"units disagree on the embedding dimension: {sorted(dims)}")
+    planned_rows = sum(u.n_rows for u in units)
+    n_rejected = sum(rejected.values())
+    # The accounting identity: every input row is embedded, rejected or blank, exactly once.
+    if not (totals["input_rows"] == planned_rows == totals["embedded"] + n_rejected + totals["blank"]):
+        raise AssertionError(f"accounting failed: planned {planned_rows}, read {totals['input_rows']}, "
+                             f"embedded {totals['embedded']} + rejected {n_rejected} + "
+                             f"blank {totals['blank']}")
+    seconds = timings.get("embed_seconds", 0.0)
+    return {
+        "output": config.output,
+        "input_rows": planned_rows,
+        "embedded": totals["embedded"],
+        "rejected": n_rejected,
+        "rejected_by_reason": dict(sorted(rejected.items())),
+        "blank": totals["blank"],
+        "truncated": totals["truncated"],
+        "tokens": totals["tokens"],
+        "non_finite": totals["non_finite"],
+        "zero_norm": totals["zero_norm"],
+        "dim": dims.pop() if dims else None,
+        "max_length": next((m.get("max_length") for m in markers.values()), None),
+        "normalized": config.normalize,
+        "embedding_dtype": config.embedding_dtype,
+        "model": config.model,
+        "kind": config.embedder.kind,
+        "units": len(units),
+        "units_this_run": run["units"],
+        "timings": timings,
+        "throughput": {
+            "samples_per_s": run["rows"] / seconds if seconds else None,
+            "tokens_per_s": run["tokens"] / seconds if seconds else None,
+            # The units after the first one embedded, over the time from that embedding to the last unit's
+            # arrival: excludes actor start-up and model load (None with fewer than two units this run).
+            "warm_samples_per_s": run["warm_rows"] / run["warm_seconds"] if run["warm_seconds"] else None,
+        },
+        "config": config.model_dump(mode="json"),
+    }
+
+
+def run_embed(config: EmbedConfig) -> dict[str, Any]:
+    """Embed a scored directory or a raw pool end to end (resuming what a previous run of the same
+    config finished). Returns the summary (also written to OUTPUT/summary.json)."""
+    started = time.perf_counter()
+    scored_dir = scored_input(config)
+    files = None
+    fingerprint = config.result_fingerprint()
+    if scored_dir is not None:
+        for key in ("input_format", "id_field", "rows_per_shard"):  # raw-input options: unused here
+            fingerprint.pop(key)
+        fingerprint["scored_input"] = scored_fingerprint(scored_dir)
+        if not io.exists(f"{config.output}/{PLAN_DIR}/plan.json"):
+            plan_scored_units(scored_dir)  # an unfinished scoring fails here, before the output is claimed
+    elif not io.exists(f"{config.output}/{PLAN_DIR}/plan.json"):
+        # Inputs that match nothing fail here, before the output directory is claimed and Ray starts.
+        files = io.expand_inputs(config.input)
+    shards.claim_output(config.output, fingerprint, config.model_dump(mode="json"), config.overwrite,
+                        owned=(EMBEDDINGS_DIR, REJECTS_DIR, PLAN_DIR, shards.MARKER_DIR, "summary.json"))
+    _connect_ray(config.ray_address)
+    units = plan_embed_units(config, scored_dir, files)
+    planned = time.perf_counter()
+    done = shards.completed_units(config.output)
+    pending = [u for u in units if u.unit_id not in done]
+    logger.warning("deita-ray embed: %d units planned, %d already complete, %d to embed",
+                   len(units), len(units) - len(pending), len(pending))
+    run = {"units": len(pending), "rows": 0, "tokens": 0, "warm_rows": 0, "warm_seconds": 0.0}
+    embedded_at: list[tuple[float, int]] = []  # (when the actor finished the unit, its rows)
+    if pending:
+        last_report = time.perf_counter()
+        for index, row in enumerate(build_dataset(config, pending).iter_rows(), start=1):
+            counts = json.loads(row["counts"])
+            now = time.perf_counter()
+            run["rows"] += counts["input_rows"]
+            run["tokens"] += counts.get("tokens", 0)
+            embedded_at.append((counts["embedded_at"], counts["input_rows"]))
+            if index == len(pending) or now - last_report > 10:
+                last_report = now
+                logger.warning("deita-ray embed: %d/%d units, %d rows this run (%.1f rows/s)", index,
+                               len(pending), run["rows"], run["rows"] / max(now - planned, 1e-9))
+    finished = time.perf_counter()
+    if len(embedded_at) > 1:
+        # Warm: the first unit embedded carries actor start-up and model load; the others are timed from
+        # its completion to the last unit's arrival here (per-unit overheads included).
+        first = min(embedded_at)
+        run["warm_rows"] = run["rows"] - first[1]
+        run["warm_seconds"] = time.time() - first[0]
+    timings = {"plan_seconds": planned - started, "embed_seconds": finished - planned,
+               "total_seconds": finished - started}
+    summary = summarize(config, units, timings, run)
+    io.atomic_write_json(f"{config.output}/summary.json", summary)
+    return summary

@@ -1,0 +1,205 @@
+"""Fault tolerance of `deita-ray score` on a local multi-node Ray cluster (`ray.cluster_utils.Cluster`).
+
+Head node (1 CPU: this process is the driver, plus read/write tasks) and one worker node that alone
+has the `scorer_node` resource the scorer actor asks for, so the actor's node is known. Failures are
+injected while the run streams (after 2 of 12 units are marked complete):
+
+* the scorer actor's process is SIGKILLed: the actor restarts, the run completes;
+* the same with a zero retry budget: the run fails with the actor's death (retries are bounded), the
+  units it finished being correct;
+* the worker node hosting the actor is killed and a replacement node added: the actor restarts there;
+* an input file changed after planning (a data error): the read fails once, it is not retried.
+
+Each completed run must equal an undisturbed run of the same pool (ids, scores, rejects, markers,
+summary counts), and every input row must be in exactly one output row (or a counted blank line).
+
+Scorer: the synthetic backend (scores are a hash of the prompt token ids; see
+deita_ray/scoring/backends/synthetic.py) with a simulated 5 ms per prompt. Its scores are exactly
+reproducible whichever actor, node or retry produced them, so "equal to the undisturbed run" is an exact
+comparison that isolates what is tested here (lost or duplicated rows, recovery), and the simulated
+model time keeps a run streaming long enough to be hit mid-way. Exactness of real model scores across
+actors, nodes and resumed runs is covered with the tiny LLaMA in test_resume_and_cluster.py; the
+tokenizer here is the tiny LLaMA's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import ray
+from fault_injection import (
+    BackgroundRun,
+    OpenCounter,
+    assert_every_row_once,
+    assert_finished_units_match,
+    kill_actor_of_marker,
+    local_cluster,
+    wait_for_markers,
+)
+from test_resume_and_cluster import (  # noqa: F401
+    N_UNITS,
+    CliRun,
+    _config,
+    _kill_after,
+    _marker_mtimes,
+    _markers,
+    assert_same_output,
+    pool_dir,
+)
+
+import deita_ray
+from deita_ray.plan import iter_source_rows
+from deita_ray.scoring.pipeline import plan_units
+
+pytestmark = pytest.mark.integration
+
+SYNTHETIC = {"type": "synthetic", "seconds_per_prompt": 0.005}
+SCORER_NODE = {"num_cpus": 1, "resources": {"scorer_node": 1}}
+KILL_AFTER_UNITS = 2
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with local_cluster(head_cpus=1, workers={"scorer": SCORER_NODE}) as local:
+        yield local
+
+
+def _fault_config(pool: Path, model: Path, output: Path, address: str, retries: int = 3) -> dict:
+    return _config(pool, str(model), output, backend=SYNTHETIC, ray_address=address,
+                   resources={"actor_num_cpus": 0.5, "actor_resources": {"scorer_node": 1},
+                              "min_actors": 1, "max_actors": 1, "max_task_retries": retries})
+
+
+@pytest.fixture(scope="module")
+def undisturbed(cluster, pool_dir, tiny_llama, tmp_path_factory) -> Path:  # noqa: F811
+    output = tmp_path_factory.mktemp("undisturbed") / "out"
+    summary = deita_ray.score(_fault_config(pool_dir, tiny_llama, output, cluster.address))
+    assert summary["units"] == summary["units_this_run"] == N_UNITS
+    assert {m["scorer_node"] for m in _markers(output).values()} == {cluster.node_id("scorer")}
+    assert_every_row_once(output, pool_dir)
+    return output
+
+
+def test_scorer_actor_killed_mid_stream(cluster, pool_dir, tiny_llama, undisturbed, tmp_path):  # noqa: F811
+    output = tmp_path / "out"
+    run = BackgroundRun(deita_ray.score, _fault_config(pool_dir, tiny_llama, output, cluster.address))
+    marked = wait_for_markers(output, KILL_AFTER_UNITS, run.finished)
+    killed = kill_actor_of_marker(output)
+    summary = run.result()
+
+    assert marked < N_UNITS and summary["units_this_run"] == N_UNITS
+    pids = {m["scorer_pid"] for m in _markers(output).values()}
+    assert killed in pids and len(pids) == 2, f"expected units scored before and after the restart: {pids}"
+    assert_same_output(output, undisturbed)
+    assert_every_row_once(output, pool_dir)
+
+
+def test_actor_death_beyond_the_retry_budget_fails_the_run(
+        cluster, pool_dir, tiny_llama, undisturbed, tmp_path):  # noqa: F811
+    """max_task_retries: 0 → the killed actor is not restarted and the run fails with its death instead of
+    hanging or dropping units; the units it finished are complete and correct (a re-run redoes only the
+    others, as after a killed driver: test_resume_and_cluster.py)."""
+    output = tmp_path / "out"
+    config = _fault_config(pool_dir, tiny_llama, output, cluster.address, retries=0)
+    run = BackgroundRun(deita_ray.score, config)
+    wait_for_markers(output, KILL_AFTER_UNITS, run.finished)
+    kill_actor_of_marker(output)
+    error = run.error()
+    assert isinstance(error, ray.exceptions.ActorDiedError), repr(error)
+    finished = assert_finished_units_match(output, undisturbed)
+    assert KILL_AFTER_UNITS <= len(finished) < N_UNITS and not (output / "summary.json").exists()
+
+
+def test_scorer_node_lost_mid_run(cluster, pool_dir, tiny_llama, undisturbed, tmp_path):  # noqa: F811
+    """The worker node with the actor dies (raylet, object store, workers); a replacement node joins."""
+    output = tmp_path / "out"
+    run = BackgroundRun(deita_ray.score, _fault_config(pool_dir, tiny_llama, output, cluster.address))
+    marked = wait_for_markers(output, KILL_AFTER_UNITS, run.finished)
+    old_node, new_node = cluster.replace_node("scorer")
+    summary = run.result()
+
+    assert marked < N_UNITS and summary["units_this_run"] == N_UNITS
+    nodes = {m["scorer_node"] for m in _markers(output).values()}
+    assert nodes == {old_node, new_node}, f"scorer nodes {nodes}; lost {old_node}, replacement {new_node}"
+    assert_same_output(output, undisturbed)
+    assert_every_row_once(output, pool_dir)
+
+
+def test_input_changed_after_planning_fails_once_without_retries(
+        cluster, pool_dir, tiny_llama, tmp_path):  # noqa: F811
+    """A data error is not an infrastructure failure: the read of a unit whose file changed since planning
+    raises, and the run fails with that error after ONE read of the file, budget (3 retries) unspent."""
+    pool = tmp_path / "pool"
+    shutil.copytree(pool_dir, pool)
+    changed = pool / "zz_changed.jsonl"
+    rows = [json.dumps({"instruction": f"Say {i}.", "output": str(i)}) for i in range(10)]
+    changed.write_text("\n".join(rows) + "\n")  # 10 rows: a single unit
+    config = deita_ray.ScoreConfig.model_validate(
+        _fault_config(pool, tiny_llama, tmp_path / "out", cluster.address, retries=3))
+    units = plan_units(config)
+    assert [u.n_rows for u in units if u.source_file == str(changed)] == [10]
+    with changed.open("a") as handle:
+        handle.write(json.dumps({"instruction": "Say 10.", "output": "10"}) + "\n")
+
+    counter = OpenCounter(changed)
+    try:
+        # The instrument sees retries: a task that opens the file and fails, retried twice → 3 opens.
+        @ray.remote(max_retries=2, retry_exceptions=True, num_cpus=0.25)
+        def read_and_fail(path: str) -> None:
+            list(iter_source_rows("jsonl", path))
+            raise ValueError("fails every time")
+
+        with pytest.raises(ValueError, match="fails every time"):
+            ray.get(read_and_fail.remote(str(changed)))
+        assert counter.count() == 3
+
+        with pytest.raises(Exception) as excinfo:  # noqa: B017 - the type is asserted below
+            deita_ray.score(config)
+        error = excinfo.value
+        opened = counter.count() - 3
+    finally:
+        counter.close()
+    # What Ray Data 2.60 really does with a UDF's exception: no retry by Ray Data's own map-retry layer
+    # (`retried_map_errors` is off: "1/1 attempts") nor by Ray's task retries (the pipeline retries only
+    # system errors), and the driver gets it wrapped as a UserCodeException whose text carries the
+    # stage's RuntimeError (the exception object itself does not cross the process boundary).
+    assert isinstance(error, ray.exceptions.UserCodeException), repr(error)
+    assert "RuntimeError: unit" in str(error) and "planned 10 rows, read 11" in str(error), str(error)
+    assert "after 1/1 attempts" in str(error), str(error)
+    assert opened == 1, f"the changed file was read {opened} times: a data error was retried"
+    assert not (tmp_path / "out" / "summary.json").exists()
+    unit = next(u for u in units if u.source_file == str(changed))
+    assert unit.unit_id not in _markers(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_driver_killed_then_rerun_on_the_cluster(
+        cluster, pool_dir, tiny_llama, undisturbed, tmp_path):  # noqa: F811
+    """The driver (`deita-ray score --ray-address ...` in a subprocess) is SIGKILLed mid-run while the
+    cluster lives on (Ray then kills the job's actors and tasks); the re-run redoes only the unmarked
+    units. Slow: a second interpreter and Ray job; the local single-node case runs by default in
+    test_resume_and_cluster.py."""
+    output = tmp_path / "out"
+    config = _fault_config(pool_dir, tiny_llama, output, cluster.address)
+    config_path = tmp_path / "score.yaml"
+    config_path.write_text(json.dumps(config))  # JSON is YAML
+    run = CliRun(["--config", str(config_path)])
+    try:
+        watcher, outcome = _kill_after(run, output / "_done", units=KILL_AFTER_UNITS, timeout=300)
+        watcher.join()
+    finally:
+        run.kill()
+        run.cleanup()
+    assert outcome.get("killed"), f"driver not killed mid-run ({outcome}):\n{run.output_text[-3000:]}"
+    finished = _marker_mtimes(output)
+    assert KILL_AFTER_UNITS <= len(finished) < N_UNITS
+
+    summary = deita_ray.score(config)
+    assert summary["units_this_run"] == N_UNITS - len(finished)
+    mtimes = _marker_mtimes(output)
+    assert {u: mtimes[u] for u in finished} == finished, "finished units were redone"
+    assert_same_output(output, undisturbed)
+    assert_every_row_once(output, pool_dir)
