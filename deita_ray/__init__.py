@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from deita_ray.config import (
-    LocalIndexConfig,
-    RayIndexConfig,
     CausalLMEmbedderConfig,
     EmbedConfig,
+    LocalIndexConfig,
     OpenAIBackendConfig,
+    RayIndexConfig,
     ResourcesConfig,
     ScoreConfig,
     SelectConfig,

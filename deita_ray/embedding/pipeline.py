@@ -20,7 +20,6 @@ import logging
 import os
 import pickle
 import time
-import warnings
 from collections import Counter
 from typing import Any
 
@@ -40,12 +39,9 @@ from deita_ray.scoring.pipeline import (
     REJECTS_DIR,
     SCORED_DIR,
     ReadUnitStage,
-    _connect_ray,
-    _current_node_id,
-    _reject_row,
-    _require,
     plan_units,
 )
+from deita_ray.stages import connect_ray, current_node_id, reject_row, require_columns, unit_pipeline
 
 logger = logging.getLogger("deita_ray")
 
@@ -72,8 +68,10 @@ def scored_input(config: EmbedConfig) -> str | None:
     if not scored:
         return None
     if len(config.input) > 1:
-        raise ValueError(f"input: a scored directory ({scored[0]}) must be the only input; got "
-                         f"{len(config.input)} inputs (embed each scored directory into its own output)")
+        raise ValueError(
+            f"input: a scored directory ({scored[0]}) must be the only input; got "
+            f"{len(config.input)} inputs (embed each scored directory into its own output)"
+        )
     return scored[0].rstrip("/")
 
 
@@ -95,9 +93,11 @@ def plan_scored_units(scored_dir: str) -> list[Unit]:
         planned |= {u["unit_id"] for u in io.read_json(plan_path)["units"]}
     unfinished = sorted(planned - done)
     if unfinished:
-        raise ValueError(f"{scored_dir}: scoring is not finished ({len(planned) - len(unfinished)} of "
-                         f"{len(planned)} units done, e.g. {unfinished[0]} is not); re-run `deita-ray score` "
-                         "to finish it first")
+        raise ValueError(
+            f"{scored_dir}: scoring is not finished ({len(planned) - len(unfinished)} of "
+            f"{len(planned)} units done, e.g. {unfinished[0]} is not); re-run `deita-ray score` "
+            "to finish it first"
+        )
     if not files:
         raise FileNotFoundError(f"{scored_dir}/{SCORED_DIR} holds no Parquet shards")
     units = []
@@ -105,8 +105,18 @@ def plan_scored_units(scored_dir: str) -> list[Unit]:
         fs, inner = io.filesystem(path)
         with fs.open(inner, "rb") as handle:
             n_rows = pq.ParquetFile(handle).metadata.num_rows
-        units.append(Unit(unit_id=unit_id, file_index=index, source_file=path, read_path=path,
-                          kind=SCORED_KIND, format=SCORED_KIND, first_row=0, n_rows=n_rows))
+        units.append(
+            Unit(
+                unit_id=unit_id,
+                file_index=index,
+                source_file=path,
+                read_path=path,
+                kind=SCORED_KIND,
+                format=SCORED_KIND,
+                first_row=0,
+                n_rows=n_rows,
+            )
+        )
     return units
 
 
@@ -118,8 +128,9 @@ def plan_embed_units(config: EmbedConfig, scored_dir: str | None, files: list[st
     if io.exists(plan_path):
         return [Unit.from_dict(u) for u in io.read_json(plan_path)["units"]]
     units = plan_scored_units(scored_dir)
-    io.atomic_write_json(plan_path, {"files": [u.source_file for u in units],
-                                     "units": [u.to_dict() for u in units]})
+    io.atomic_write_json(
+        plan_path, {"files": [u.source_file for u in units], "units": [u.to_dict() for u in units]}
+    )
     return units
 
 
@@ -146,10 +157,11 @@ def read_scored_unit(unit: Unit) -> tuple[list[dict[str, Any]], list[dict[str, A
         if sample_id is None:
             problem = RejectReason.MISSING_FIELD, "id is null"
         if problem:
-            rejects.append(_reject_row(unit, row, raw, problem[0], problem[1], sample_id))
+            rejects.append(reject_row(unit, row, raw, problem[0], problem[1], sample_id))
         else:
-            samples.append({"id": str(sample_id), "conversations": conversation, "source_row": row,
-                            "raw": raw})
+            samples.append(
+                {"id": str(sample_id), "conversations": conversation, "source_row": row, "raw": raw}
+            )
     return samples, rejects
 
 
@@ -168,14 +180,16 @@ class EmbedReadStage:
         self.only_answer = config.embedder.only_answer
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        _require(row, self.inputs, type(self).__name__)
+        require_columns(row, self.inputs, type(self).__name__)
         unit = Unit.from_dict(json.loads(row["unit"]))
         if unit.kind == SCORED_KIND:
             samples, rejects = read_scored_unit(unit)
             counts = {"unit_id": unit.unit_id, "input_rows": unit.n_rows, "blank": 0}
             if len(samples) + len(rejects) != unit.n_rows:
-                raise RuntimeError(f"unit {unit.unit_id}: planned {unit.n_rows} rows, read "
-                                   f"{len(samples) + len(rejects)}; did {unit.source_file} change?")
+                raise RuntimeError(
+                    f"unit {unit.unit_id}: planned {unit.n_rows} rows, read "
+                    f"{len(samples) + len(rejects)}; did {unit.source_file} change?"
+                )
         else:
             read = self.raw_reader(row)
             samples, rejects = pickle.loads(read["samples"]), pickle.loads(read["rejects"])
@@ -191,12 +205,17 @@ class EmbedReadStage:
                 if not text.strip():
                     problem = RejectReason.EMPTY_FIELD, "nothing to embed (only_answer: no assistant reply)"
             if problem:
-                rejects.append(_reject_row(unit, sample["source_row"], sample["raw"], *problem, sample["id"]))
+                rejects.append(reject_row(unit, sample["source_row"], sample["raw"], *problem, sample["id"]))
                 continue
-            texts.append({"id": sample["id"], "text": text, "source_row": sample["source_row"],
-                          "raw": sample["raw"]})
-        return {"unit": row["unit"], "samples": pickle.dumps(texts), "rejects": pickle.dumps(rejects),
-                "counts": json.dumps(counts)}
+            texts.append(
+                {"id": sample["id"], "text": text, "source_row": sample["source_row"], "raw": sample["raw"]}
+            )
+        return {
+            "unit": row["unit"],
+            "samples": pickle.dumps(texts),
+            "rejects": pickle.dumps(rejects),
+            "counts": json.dumps(counts),
+        }
 
 
 def finish_vectors(vectors: np.ndarray, normalize: bool, dtype: str) -> tuple[np.ndarray, int, int]:
@@ -228,13 +247,13 @@ class EmbedStage:
         self.normalize, self.embedding_dtype = config.normalize, config.embedding_dtype
         self.embedder = make_embedder(config.model, config.embedder, config.batch_size)
         self.embedder.setup()
-        self.pid, self.node = os.getpid(), _current_node_id()
+        self.pid, self.node = os.getpid(), current_node_id()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, list] = {name: [] for name in ("unit", "embedded", "rejects", "counts")}
         for index in range(len(batch["unit"])):
             row = {name: batch[name][index] for name in self.inputs}
-            _require(row, self.inputs, type(self).__name__)
+            require_columns(row, self.inputs, type(self).__name__)
             unit = Unit.from_dict(json.loads(row["unit"]))
             samples = pickle.loads(row["samples"])
             rejects = pickle.loads(row["rejects"])
@@ -248,18 +267,29 @@ class EmbedStage:
             for i, error in enumerate(result.errors):
                 if error is not None:
                     s = samples[i]
-                    rejects.append(_reject_row(unit, s["source_row"], s["raw"], RejectReason.EMPTY_FIELD,
-                                               error, s["id"]))
-            vectors, non_finite, zero = finish_vectors(result.vectors[keep], self.normalize,
-                                                       self.embedding_dtype)
-            embedded = {"ids": [samples[i]["id"] for i in keep], "vectors": vectors,
-                        "truncated": [bool(result.truncated[i]) for i in keep]}
-            counts.update(truncated=sum(embedded["truncated"]),
-                          tokens=int(sum(result.tokens[i] for i in keep)),
-                          non_finite=non_finite, zero_norm=zero, dim=self.embedder.dim,
-                          max_length=self.embedder.max_length, embed_seconds=time.perf_counter() - started,
-                          embedded_at=time.time(),  # wall clock: the warm-throughput window starts here
-                          embedder_pid=self.pid, embedder_node=self.node)
+                    rejects.append(
+                        reject_row(unit, s["source_row"], s["raw"], RejectReason.EMPTY_FIELD, error, s["id"])
+                    )
+            vectors, non_finite, zero = finish_vectors(
+                result.vectors[keep], self.normalize, self.embedding_dtype
+            )
+            embedded = {
+                "ids": [samples[i]["id"] for i in keep],
+                "vectors": vectors,
+                "truncated": [bool(result.truncated[i]) for i in keep],
+            }
+            counts.update(
+                truncated=sum(embedded["truncated"]),
+                tokens=int(sum(result.tokens[i] for i in keep)),
+                non_finite=non_finite,
+                zero_norm=zero,
+                dim=self.embedder.dim,
+                max_length=self.embedder.max_length,
+                embed_seconds=time.perf_counter() - started,
+                embedded_at=time.time(),  # wall clock: the warm-throughput window starts here
+                embedder_pid=self.pid,
+                embedder_node=self.node,
+            )
             out["unit"].append(row["unit"])
             out["embedded"].append(pickle.dumps(embedded))
             out["rejects"].append(pickle.dumps(rejects))
@@ -272,15 +302,22 @@ class EmbedStage:
             embedder.teardown()
 
 
-def embeddings_table(ids: list[str], vectors: np.ndarray, truncated: list[bool], dim: int,
-                     metadata: dict[str, Any]) -> pa.Table:
+def embeddings_table(
+    ids: list[str], vectors: np.ndarray, truncated: list[bool], dim: int, metadata: dict[str, Any]
+) -> pa.Table:
     """id, embedding (fixed_size_list<float32|float16>[dim]), truncated; schema metadata b"deita_ray"."""
     value_type = pa.float16() if vectors.dtype == np.float16 else pa.float32()
     flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=value_type)
     fields = [("id", pa.string()), ("embedding", pa.list_(value_type, dim)), ("truncated", pa.bool_())]
     schema = pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
-    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.FixedSizeListArray.from_arrays(flat, dim),
-                                 pa.array(truncated, pa.bool_())], schema=schema)
+    return pa.Table.from_arrays(
+        [
+            pa.array(ids, pa.string()),
+            pa.FixedSizeListArray.from_arrays(flat, dim),
+            pa.array(truncated, pa.bool_()),
+        ],
+        schema=schema,
+    )
 
 
 class EmbedWriteStage:
@@ -290,11 +327,15 @@ class EmbedWriteStage:
 
     def __init__(self, config: EmbedConfig) -> None:
         self.output = config.output
-        self.metadata = {"normalized": config.normalize, "model": config.model, "kind": config.embedder.kind,
-                         "embedding_dtype": config.embedding_dtype}
+        self.metadata = {
+            "normalized": config.normalize,
+            "model": config.model,
+            "kind": config.embedder.kind,
+            "embedding_dtype": config.embedding_dtype,
+        }
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        _require(row, self.inputs, type(self).__name__)
+        require_columns(row, self.inputs, type(self).__name__)
         unit = Unit.from_dict(json.loads(row["unit"]))
         embedded = pickle.loads(row["embedded"])
         rejects = pickle.loads(row["rejects"])
@@ -303,10 +344,16 @@ class EmbedWriteStage:
         counts["rejected"] = dict(Counter(r["reason"] for r in rejects))
         accounted = counts["blank"] + counts["embedded"] + sum(counts["rejected"].values())
         if accounted != counts["input_rows"]:
-            raise AssertionError(f"unit {unit.unit_id}: {counts['input_rows']} rows in, "
-                                 f"{accounted} accounted")
-        table = embeddings_table(embedded["ids"], embedded["vectors"], embedded["truncated"], counts["dim"],
-                                 {"dim": counts["dim"], **self.metadata})
+            raise AssertionError(
+                f"unit {unit.unit_id}: {counts['input_rows']} rows in, {accounted} accounted"
+            )
+        table = embeddings_table(
+            embedded["ids"],
+            embedded["vectors"],
+            embedded["truncated"],
+            counts["dim"],
+            {"dim": counts["dim"], **self.metadata},
+        )
         tables = {EMBEDDINGS_DIR: table, REJECTS_DIR: pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)}
         shards.write_unit(self.output, unit.unit_id, tables, counts)
         return {"counts": json.dumps(counts)}
@@ -317,34 +364,19 @@ class EmbedWriteStage:
 
 def build_dataset(config: EmbedConfig, pending: list[Unit]):
     """The streaming Ray Data pipeline over the pending units (lazy; consumed by the caller)."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    resources = config.resources
-    # Bounded retries (infrastructure failures only: Ray Data does not retry a UDF's own exception).
-    task_args = {"num_cpus": resources.task_num_cpus, "max_retries": resources.max_task_retries}
-    actor_args = {"max_restarts": resources.max_task_retries, "max_task_retries": resources.max_task_retries}
-    ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in pending],
-                             override_num_blocks=max(1, len(pending)))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        ds = ds.map(EmbedReadStage(config), **task_args)
-        ds = ds.map_batches(
-            EmbedStage,
-            fn_constructor_kwargs={"config_json": config.model_dump_json()},
-            batch_size=1,
-            compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
-            num_cpus=resources.actor_num_cpus,
-            num_gpus=resources.actor_num_gpus,
-            resources=resources.actor_resources or None,
-            runtime_env={"env_vars": resources.actor_env} if resources.actor_env else None,
-            **actor_args,
-        )
-        return ds.map(EmbedWriteStage(config), **task_args)
+    return unit_pipeline(
+        pending,
+        EmbedReadStage(config),
+        EmbedStage,
+        {"config_json": config.model_dump_json()},
+        EmbedWriteStage(config),
+        config.resources,
+    )
 
 
-def summarize(config: EmbedConfig, units: list[Unit], timings: dict[str, float],
-              run: dict[str, Any]) -> dict[str, Any]:
+def summarize(
+    config: EmbedConfig, units: list[Unit], timings: dict[str, float], run: dict[str, Any]
+) -> dict[str, Any]:
     markers = {m["unit_id"]: m for m in shards.read_markers(config.output)}
     missing = [u.unit_id for u in units if u.unit_id not in markers]
     if missing:
@@ -362,9 +394,11 @@ def summarize(config: EmbedConfig, units: list[Unit], timings: dict[str, float],
     n_rejected = sum(rejected.values())
     # The accounting identity: every input row is embedded, rejected or blank, exactly once.
     if not (totals["input_rows"] == planned_rows == totals["embedded"] + n_rejected + totals["blank"]):
-        raise AssertionError(f"accounting failed: planned {planned_rows}, read {totals['input_rows']}, "
-                             f"embedded {totals['embedded']} + rejected {n_rejected} + "
-                             f"blank {totals['blank']}")
+        raise AssertionError(
+            f"accounting failed: planned {planned_rows}, read {totals['input_rows']}, "
+            f"embedded {totals['embedded']} + rejected {n_rejected} + "
+            f"blank {totals['blank']}"
+        )
     seconds = timings.get("embed_seconds", 0.0)
     return {
         "output": config.output,
@@ -413,15 +447,24 @@ def run_embed(config: EmbedConfig) -> dict[str, Any]:
     elif not io.exists(f"{config.output}/{PLAN_DIR}/plan.json"):
         # Inputs that match nothing fail here, before the output directory is claimed and Ray starts.
         files = io.expand_inputs(config.input)
-    shards.claim_output(config.output, fingerprint, config.model_dump(mode="json"), config.overwrite,
-                        owned=(EMBEDDINGS_DIR, REJECTS_DIR, PLAN_DIR, shards.MARKER_DIR, "summary.json"))
-    _connect_ray(config.ray_address)
+    shards.claim_output(
+        config.output,
+        fingerprint,
+        config.model_dump(mode="json"),
+        config.overwrite,
+        owned=(EMBEDDINGS_DIR, REJECTS_DIR, PLAN_DIR, shards.MARKER_DIR, "summary.json"),
+    )
+    connect_ray(config.ray_address)
     units = plan_embed_units(config, scored_dir, files)
     planned = time.perf_counter()
     done = shards.completed_units(config.output)
     pending = [u for u in units if u.unit_id not in done]
-    logger.warning("deita-ray embed: %d units planned, %d already complete, %d to embed",
-                   len(units), len(units) - len(pending), len(pending))
+    logger.warning(
+        "deita-ray embed: %d units planned, %d already complete, %d to embed",
+        len(units),
+        len(units) - len(pending),
+        len(pending),
+    )
     run = {"units": len(pending), "rows": 0, "tokens": 0, "warm_rows": 0, "warm_seconds": 0.0}
     embedded_at: list[tuple[float, int]] = []  # (when the actor finished the unit, its rows)
     if pending:
@@ -434,8 +477,13 @@ def run_embed(config: EmbedConfig) -> dict[str, Any]:
             embedded_at.append((counts["embedded_at"], counts["input_rows"]))
             if index == len(pending) or now - last_report > 10:
                 last_report = now
-                logger.warning("deita-ray embed: %d/%d units, %d rows this run (%.1f rows/s)", index,
-                               len(pending), run["rows"], run["rows"] / max(now - planned, 1e-9))
+                logger.warning(
+                    "deita-ray embed: %d/%d units, %d rows this run (%.1f rows/s)",
+                    index,
+                    len(pending),
+                    run["rows"],
+                    run["rows"] / max(now - planned, 1e-9),
+                )
     finished = time.perf_counter()
     if len(embedded_at) > 1:
         # Warm: the first unit embedded carries actor start-up and model load; the others are timed from
@@ -443,8 +491,11 @@ def run_embed(config: EmbedConfig) -> dict[str, Any]:
         first = min(embedded_at)
         run["warm_rows"] = run["rows"] - first[1]
         run["warm_seconds"] = time.time() - first[0]
-    timings = {"plan_seconds": planned - started, "embed_seconds": finished - planned,
-               "total_seconds": finished - started}
+    timings = {
+        "plan_seconds": planned - started,
+        "embed_seconds": finished - planned,
+        "total_seconds": finished - started,
+    }
     summary = summarize(config, units, timings, run)
     io.atomic_write_json(f"{config.output}/summary.json", summary)
     return summary

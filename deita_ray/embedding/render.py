@@ -46,13 +46,16 @@ def _split(conversation: Sequence[dict[str, str]]) -> tuple[list[str], list[dict
         turns = turns[1:]
     for index, turn in enumerate(turns):
         if turn["role"] not in VICUNA_ROLES:
-            raise RenderError(f"turn {index + len(systems)} has role {turn['role']!r}: only leading system "
-                              "turns, then user/assistant turns, can be rendered")
+            raise RenderError(
+                f"turn {index + len(systems)} has role {turn['role']!r}: only leading system "
+                "turns, then user/assistant turns, can be rendered"
+            )
     return systems, turns
 
 
-def render_conversation(conversation: Sequence[dict[str, str]], template: str = "vicuna",
-                        only_answer: bool = False) -> str:
+def render_conversation(
+    conversation: Sequence[dict[str, str]], template: str = "vicuna", only_answer: bool = False
+) -> str:
     """The text to embed for one canonical conversation ([{role, content}], roles system/user/assistant)."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")

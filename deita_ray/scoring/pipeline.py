@@ -19,7 +19,6 @@ import logging
 import os
 import pickle
 import time
-import warnings
 from collections import Counter
 from typing import Any
 
@@ -29,28 +28,34 @@ from deita_ray import io, shards
 from deita_ray.config import EmbedConfig, ScoreConfig
 from deita_ray.plan import Unit, attach_duplicates, find_duplicates, iter_source_rows, plan_file
 from deita_ray.records import Reject, RejectReason, normalize_row
+from deita_ray.stages import connect_ray, current_node_id, reject_row, require_columns, unit_pipeline
 
 logger = logging.getLogger("deita_ray")
 
 SCORED_DIR, REJECTS_DIR, PLAN_DIR = "scored", "rejects", "_plan"
 # Canonical output columns; an original field with one of these names is kept as original_<name>.
-SCORED_COLUMNS = ("id", "conversations", "complexity_scores", "quality_scores", "evol_score", "truncated",
-                  "source_file", "source_row", "source_format")
+SCORED_COLUMNS = (
+    "id",
+    "conversations",
+    "complexity_scores",
+    "quality_scores",
+    "evol_score",
+    "truncated",
+    "source_file",
+    "source_row",
+    "source_format",
+)
 CONVERSATION_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-REJECT_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("message", pa.string()),
-                           ("raw", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64())])
-
-
-def _require(row: dict[str, Any], columns: tuple[str, ...], stage: str) -> None:
-    missing = [c for c in columns if c not in row]
-    if missing:
-        raise KeyError(f"{stage} needs columns {missing}; got {sorted(row)}")
-
-
-def _reject_row(unit: Unit, row: int, raw: str, reason: RejectReason, message: str,
-                sample_id: str | None = None) -> dict[str, Any]:
-    return {"id": sample_id, "reason": reason.value, "message": message, "raw": raw,
-            "source_file": unit.source_file, "source_row": row}
+REJECT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+        ("raw", pa.string()),
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+    ]
+)
 
 
 class ReadUnitStage:
@@ -62,37 +67,64 @@ class ReadUnitStage:
         self.id_field = config.id_field
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        _require(row, self.inputs, type(self).__name__)
+        require_columns(row, self.inputs, type(self).__name__)
         unit = Unit.from_dict(json.loads(row["unit"]))
         samples, rejects, blank = [], [], 0
-        for source in iter_source_rows(unit.kind, unit.read_path, unit.first_row, unit.n_rows,
-                                       unit.byte_start, unit.byte_end):
+        for source in iter_source_rows(
+            unit.kind, unit.read_path, unit.first_row, unit.n_rows, unit.byte_start, unit.byte_end
+        ):
             if source.blank:
                 blank += 1
                 continue
             if source.error is not None:
-                rejects.append(_reject_row(unit, source.row, source.raw, RejectReason.UNPARSEABLE, source.error))
+                rejects.append(
+                    reject_row(unit, source.row, source.raw, RejectReason.UNPARSEABLE, source.error)
+                )
                 continue
-            record = (normalize_row(source.value, unit.format, self.id_field) if unit.format
-                      else Reject(RejectReason.UNKNOWN_FORMAT, "no row of this file has a known format"))
+            record = (
+                normalize_row(source.value, unit.format, self.id_field)
+                if unit.format
+                else Reject(RejectReason.UNKNOWN_FORMAT, "no row of this file has a known format")
+            )
             if isinstance(record, Reject):
-                rejects.append(_reject_row(unit, source.row, source.raw, record.reason, record.message,
-                                           _raw_id(source.value, self.id_field)))
+                rejects.append(
+                    reject_row(
+                        unit,
+                        source.row,
+                        source.raw,
+                        record.reason,
+                        record.message,
+                        _raw_id(source.value, self.id_field),
+                    )
+                )
             elif source.row in unit.duplicates:
-                rejects.append(_reject_row(unit, source.row, source.raw, RejectReason.DUPLICATE_ID,
-                                           f"id {record['id']!r} first seen at {unit.duplicates[source.row]}",
-                                           record["id"]))
+                rejects.append(
+                    reject_row(
+                        unit,
+                        source.row,
+                        source.raw,
+                        RejectReason.DUPLICATE_ID,
+                        f"id {record['id']!r} first seen at {unit.duplicates[source.row]}",
+                        record["id"],
+                    )
+                )
             else:
                 record.update(source_file=unit.source_file, source_row=source.row, raw=source.raw)
                 samples.append(record)
         read_rows = blank + len(samples) + len(rejects)
         if read_rows != unit.n_rows:
             # The file changed since planning: fail loudly rather than lose or invent rows.
-            raise RuntimeError(f"unit {unit.unit_id}: planned {unit.n_rows} rows, read {read_rows}; "
-                               f"did {unit.source_file} change? Re-run with a new output directory")
+            raise RuntimeError(
+                f"unit {unit.unit_id}: planned {unit.n_rows} rows, read {read_rows}; "
+                f"did {unit.source_file} change? Re-run with a new output directory"
+            )
         counts = {"unit_id": unit.unit_id, "input_rows": unit.n_rows, "blank": blank}
-        return {"unit": row["unit"], "samples": pickle.dumps(samples), "rejects": pickle.dumps(rejects),
-                "counts": json.dumps(counts)}
+        return {
+            "unit": row["unit"],
+            "samples": pickle.dumps(samples),
+            "rejects": pickle.dumps(rejects),
+            "counts": json.dumps(counts),
+        }
 
 
 def _raw_id(value: Any, id_field: str) -> str | None:
@@ -116,13 +148,13 @@ class ScoreStage:
         self.scorer = Scorer(ScoreConfig.model_validate_json(config_json))
         self.scorer.setup()
         # Which actor scored a unit (recorded in its marker): shows the pool's spread over actors/nodes.
-        self.scorer_pid, self.scorer_node = os.getpid(), _current_node_id()
+        self.scorer_pid, self.scorer_node = os.getpid(), current_node_id()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, list] = {name: [] for name in ("unit", "scored", "rejects", "counts")}
         for index in range(len(batch["unit"])):
             row = {name: batch[name][index] for name in self.inputs}
-            _require(row, self.inputs, type(self).__name__)
+            require_columns(row, self.inputs, type(self).__name__)
             unit = Unit.from_dict(json.loads(row["unit"]))
             samples = pickle.loads(row["samples"])
             rejects = pickle.loads(row["rejects"])
@@ -134,18 +166,27 @@ class ScoreStage:
             for sample, result in zip(samples, results):
                 if result.reject is not None:
                     reason, message = result.reject
-                    rejects.append(_reject_row(unit, sample["source_row"], sample["raw"], reason, message,
-                                               sample["id"]))
+                    rejects.append(
+                        reject_row(unit, sample["source_row"], sample["raw"], reason, message, sample["id"])
+                    )
                     continue
                 truncated += result.truncated
                 tokens += result.prompt_tokens
                 sample.pop("raw")
-                sample.update(complexity_scores=result.complexity, quality_scores=result.quality,
-                              evol_score=result.evol, truncated=result.truncated)
+                sample.update(
+                    complexity_scores=result.complexity,
+                    quality_scores=result.quality,
+                    evol_score=result.evol,
+                    truncated=result.truncated,
+                )
                 scored.append(sample)
-            counts.update(truncated=truncated, prompt_tokens=tokens,
-                          score_seconds=time.perf_counter() - started,
-                          scorer_pid=self.scorer_pid, scorer_node=self.scorer_node)
+            counts.update(
+                truncated=truncated,
+                prompt_tokens=tokens,
+                score_seconds=time.perf_counter() - started,
+                scorer_pid=self.scorer_pid,
+                scorer_node=self.scorer_node,
+            )
             out["unit"].append(row["unit"])
             out["scored"].append(pickle.dumps(scored))
             out["rejects"].append(pickle.dumps(rejects))
@@ -156,12 +197,6 @@ class ScoreStage:
         scorer = getattr(self, "scorer", None)
         if scorer is not None:
             scorer.teardown()
-
-
-def _current_node_id() -> str | None:
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _original_columns(samples: list[dict[str, Any]]) -> dict[str, pa.Array]:
@@ -205,7 +240,7 @@ class WriteUnitStage:
         self.output = output
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        _require(row, self.inputs, type(self).__name__)
+        require_columns(row, self.inputs, type(self).__name__)
         unit = Unit.from_dict(json.loads(row["unit"]))
         scored = pickle.loads(row["scored"])
         rejects = pickle.loads(row["rejects"])
@@ -214,21 +249,18 @@ class WriteUnitStage:
         counts["rejected"] = dict(Counter(r["reason"] for r in rejects))
         accounted = counts["blank"] + counts["scored"] + sum(counts["rejected"].values())
         if accounted != counts["input_rows"]:
-            raise AssertionError(f"unit {unit.unit_id}: {counts['input_rows']} rows in, {accounted} accounted")
-        tables = {SCORED_DIR: scored_table(scored),
-                  REJECTS_DIR: pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)}
+            raise AssertionError(
+                f"unit {unit.unit_id}: {counts['input_rows']} rows in, {accounted} accounted"
+            )
+        tables = {
+            SCORED_DIR: scored_table(scored),
+            REJECTS_DIR: pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA),
+        }
         shards.write_unit(self.output, unit.unit_id, tables, counts)
         return {"counts": json.dumps(counts)}
 
 
 # --- driver ------------------------------------------------------------------------------------------
-
-
-def _connect_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
 
 
 def plan_units(config: ScoreConfig | EmbedConfig, files: list[str] | None = None) -> list[Unit]:
@@ -241,11 +273,14 @@ def plan_units(config: ScoreConfig | EmbedConfig, files: list[str] | None = None
         return [Unit.from_dict(u) for u in io.read_json(plan_path)["units"]]
     if files is None:
         files = io.expand_inputs(config.input)
-    task = ray.remote(plan_file).options(num_cpus=config.resources.task_num_cpus,
-                                         max_retries=config.resources.max_task_retries)
+    task = ray.remote(plan_file).options(
+        num_cpus=config.resources.task_num_cpus, max_retries=config.resources.max_task_retries
+    )
     staging = f"{config.output}/{PLAN_DIR}/staged"
-    refs = [task.remote(i, path, staging, config.rows_per_shard, config.input_format, config.id_field)
-            for i, path in enumerate(files)]
+    refs = [
+        task.remote(i, path, staging, config.rows_per_shard, config.input_format, config.id_field)
+        for i, path in enumerate(files)
+    ]
     file_plans = ray.get(refs)
     units = [Unit.from_dict(u) for plan in file_plans for u in plan["units"]]
     attach_duplicates(units, find_duplicates(file_plans))
@@ -255,38 +290,24 @@ def plan_units(config: ScoreConfig | EmbedConfig, files: list[str] | None = None
 
 def build_dataset(config: ScoreConfig, pending: list[Unit]):
     """The streaming Ray Data pipeline over the pending units (lazy; consumed by the caller)."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    resources = config.resources
-    # Bounded retries (infrastructure failures only: Ray Data does not retry a UDF's own exception).
-    # Ray 2.60 has no named parameter for these yet and warns about passing them as remote args.
-    task_args = {"num_cpus": resources.task_num_cpus, "max_retries": resources.max_task_retries}
-    # The actor's budget is its restarts. Its calls retry for as long as it can come back (-1: Ray stops
-    # once the actor is dead for good): a lost node makes every call fail fast ("actor unavailable")
-    # until the node is declared dead, and a per-call budget was spent there before the actor restarted.
-    actor_args = {"max_restarts": resources.max_task_retries, "max_task_retries": -1}
-    ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in pending],
-                             override_num_blocks=max(1, len(pending)))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        ds = ds.map(ReadUnitStage(config), **task_args)
-        ds = ds.map_batches(
-            ScoreStage,
-            fn_constructor_kwargs={"config_json": config.model_dump_json()},
-            batch_size=1,
-            compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
-            num_cpus=resources.actor_num_cpus,
-            num_gpus=resources.actor_num_gpus,
-            resources=resources.actor_resources or None,
-            runtime_env={"env_vars": resources.actor_env} if resources.actor_env else None,
-            **actor_args,
-        )
-        return ds.map(WriteUnitStage(config.output), **task_args)
+    return unit_pipeline(
+        pending,
+        ReadUnitStage(config),
+        ScoreStage,
+        {"config_json": config.model_dump_json()},
+        WriteUnitStage(config.output),
+        config.resources,
+    )
 
 
-def summarize(config: ScoreConfig, units: list[Unit], timings: dict[str, float], run_units: int,
-              run_rows: int, run_tokens: int) -> dict[str, Any]:
+def summarize(
+    config: ScoreConfig,
+    units: list[Unit],
+    timings: dict[str, float],
+    run_units: int,
+    run_rows: int,
+    run_tokens: int,
+) -> dict[str, Any]:
     markers = {m["unit_id"]: m for m in shards.read_markers(config.output)}
     missing = [u.unit_id for u in units if u.unit_id not in markers]
     if missing:
@@ -301,8 +322,10 @@ def summarize(config: ScoreConfig, units: list[Unit], timings: dict[str, float],
     n_rejected = sum(rejected.values())
     # The accounting identity: every input row is scored, rejected or blank, exactly once.
     if not (totals["input_rows"] == planned_rows == totals["scored"] + n_rejected + totals["blank"]):
-        raise AssertionError(f"accounting failed: planned {planned_rows}, read {totals['input_rows']}, "
-                             f"scored {totals['scored']} + rejected {n_rejected} + blank {totals['blank']}")
+        raise AssertionError(
+            f"accounting failed: planned {planned_rows}, read {totals['input_rows']}, "
+            f"scored {totals['scored']} + rejected {n_rejected} + blank {totals['blank']}"
+        )
     seconds = timings.get("score_seconds", 0.0)
     return {
         "output": config.output,
@@ -332,16 +355,24 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
         # Inputs that match nothing fail here, before the output directory is claimed (a claimed one
         # would refuse the corrected input as a config change) and before Ray starts.
         files = io.expand_inputs(config.input)
-    shards.claim_output(config.output, config.result_fingerprint(), config.model_dump(mode="json"),
-                        config.overwrite, owned=(SCORED_DIR, REJECTS_DIR, PLAN_DIR, shards.MARKER_DIR,
-                                                 "summary.json"))
-    _connect_ray(config.ray_address)
+    shards.claim_output(
+        config.output,
+        config.result_fingerprint(),
+        config.model_dump(mode="json"),
+        config.overwrite,
+        owned=(SCORED_DIR, REJECTS_DIR, PLAN_DIR, shards.MARKER_DIR, "summary.json"),
+    )
+    connect_ray(config.ray_address)
     units = plan_units(config, files)
     planned = time.perf_counter()
     done = shards.completed_units(config.output)
     pending = [u for u in units if u.unit_id not in done]
-    logger.warning("deita-ray score: %d units planned, %d already complete, %d to score",
-                   len(units), len(units) - len(pending), len(pending))
+    logger.warning(
+        "deita-ray score: %d units planned, %d already complete, %d to score",
+        len(units),
+        len(units) - len(pending),
+        len(pending),
+    )
     run_rows = run_tokens = 0
     if pending:
         last_report = time.perf_counter()
@@ -352,11 +383,19 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
             now = time.perf_counter()
             if index == len(pending) or now - last_report > 10:
                 last_report = now
-                logger.warning("deita-ray score: %d/%d units, %d rows this run (%.1f rows/s)", index,
-                               len(pending), run_rows, run_rows / max(now - planned, 1e-9))
+                logger.warning(
+                    "deita-ray score: %d/%d units, %d rows this run (%.1f rows/s)",
+                    index,
+                    len(pending),
+                    run_rows,
+                    run_rows / max(now - planned, 1e-9),
+                )
     finished = time.perf_counter()
-    timings = {"plan_seconds": planned - started, "score_seconds": finished - planned,
-               "total_seconds": finished - started}
+    timings = {
+        "plan_seconds": planned - started,
+        "score_seconds": finished - planned,
+        "total_seconds": finished - started,
+    }
     summary = summarize(config, units, timings, len(pending), run_rows, run_tokens)
     io.atomic_write_json(f"{config.output}/summary.json", summary)
     return summary

@@ -390,7 +390,9 @@ def ray_stream(
         )
         # prefetch_batches > 1 formats batches on a thread pool and, in Ray 2.60, can hand them out
         # of order (seen in testing); the check below would catch it, the setting avoids it.
-        for batch in ds.sort("rank").iter_batches(batch_size=chunk_size, batch_format="numpy", prefetch_batches=1):
+        for batch in ds.sort("rank").iter_batches(
+            batch_size=chunk_size, batch_format="numpy", prefetch_batches=1
+        ):
             ranks = batch["rank"].astype(np.int64)
             if not np.array_equal(ranks, np.arange(expected, expected + len(ranks))):
                 raise RuntimeError(f"candidate stream out of order at rank {expected} (got {ranks[:3]}...)")

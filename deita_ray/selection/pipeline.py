@@ -31,6 +31,7 @@ from deita_ray.config import RayIndexConfig, SelectConfig
 from deita_ray.selection import candidates as cand
 from deita_ray.selection.greedy import greedy_step, rounding_band
 from deita_ray.selection.index import LocalIndex, ShardedIndex
+from deita_ray.stages import connect_ray
 
 logger = logging.getLogger("deita_ray")
 
@@ -290,13 +291,6 @@ def write_outputs(config: SelectConfig, rows: list[dict[str, Any]], plan: cand.C
 # --- driver ---------------------------------------------------------------------------------------
 
 
-def _connect_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
-
-
 def _scan_embeddings(config: SelectConfig, files: list[str]) -> list[pa.Table]:
     if isinstance(config.index, RayIndexConfig):
         import ray
@@ -323,7 +317,7 @@ def run_select(config: SelectConfig) -> dict[str, Any]:
         logger.warning("deita-ray select: %s is complete for this config", config.output)
         return io.read_json(report_path)
     if isinstance(config.index, RayIndexConfig):
-        _connect_ray(config.ray_address)
+        connect_ray(config.ray_address)
     scores = cand.read_scores(score_paths, config.score_column)
     plan = cand.plan_candidates(scores, _scan_embeddings(config, embedding_paths), embedding_paths)
     planned = time.perf_counter()

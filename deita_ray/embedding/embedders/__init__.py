@@ -94,8 +94,13 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple
     if long_rows:
         # Re-encode with the tokenizer's own truncation rather than slicing, so a tokenizer that appends
         # an end token keeps it, as a one-by-one reference with truncation=True would.
-        cut = tokenizer([texts[i] for i in long_rows], add_special_tokens=True, truncation=True,
-                        max_length=max_length, verbose=False)["input_ids"]
+        cut = tokenizer(
+            [texts[i] for i in long_rows],
+            add_special_tokens=True,
+            truncation=True,
+            max_length=max_length,
+            verbose=False,
+        )["input_ids"]
         for index, row in zip(long_rows, cut, strict=True):
             ids[index] = row
     return ids, truncated

@@ -34,8 +34,11 @@ class CausalLMEmbedder(Embedder):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model)
         self.max_length = effective_max_length(self.model, self.config.max_length)
         if self.max_length < self.config.max_length:
-            logger.warning("causal-lm embedder: max_length %d capped at the model's context, %d tokens",
-                           self.config.max_length, self.max_length)
+            logger.warning(
+                "causal-lm embedder: max_length %d capped at the model's context, %d tokens",
+                self.config.max_length,
+                self.max_length,
+            )
         # The base model (AutoModel: e.g. LlamaModel inside LlamaForCausalLM) returns last_hidden_state,
         # which is after the final norm, and skips the LM head (vocabulary-sized, unused here). Its load
         # report would list the dropped lm_head as "unexpected" once per actor; that is intended.

@@ -28,8 +28,9 @@ class SentenceTransformersEmbedder(Embedder):
             self.net.max_seq_length = self.config.max_length
         self.max_length = self.net.max_seq_length
         # sentence-transformers 6 renamed get_sentence_embedding_dimension (kept, deprecated).
-        dimension = (getattr(self.net, "get_embedding_dimension", None)
-                     or self.net.get_sentence_embedding_dimension)
+        dimension = (
+            getattr(self.net, "get_embedding_dimension", None) or self.net.get_sentence_embedding_dimension
+        )
         self.dim = int(dimension() or 0)
         # The model's first module tokenizes with truncation at max_seq_length (special tokens included);
         # the same tokenizer, untruncated, tells which texts were cut and how many tokens were embedded.
@@ -37,14 +38,17 @@ class SentenceTransformersEmbedder(Embedder):
 
     def embed(self, texts: Sequence[str]) -> EmbedResult:
         # As a tensor, upcast here: numpy has no bfloat16, so a bfloat16 model could not convert itself.
-        vectors = self.net.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
-                                  show_progress_bar=False)
+        vectors = self.net.encode(
+            list(texts), batch_size=self.batch_size, convert_to_tensor=True, show_progress_bar=False
+        )
         vectors = vectors.float().cpu().numpy().reshape(len(texts), -1)
         if not self.dim:
             self.dim = vectors.shape[1]
         if self.tokenizer is not None and self.max_length:
-            lengths = [len(row) for row in self.tokenizer(list(texts), add_special_tokens=True,
-                                                          verbose=False)["input_ids"]]
+            lengths = [
+                len(row)
+                for row in self.tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+            ]
             truncated = [n > self.max_length for n in lengths]
             tokens = [min(n, self.max_length) for n in lengths]
         else:

@@ -78,8 +78,11 @@ class VLLMEmbedder(Embedder):
         live = [i for i, row in enumerate(ids) if row]
         if live:
             # One call per unit: vLLM schedules and batches internally.
-            outputs = self.llm.embed([TokensPrompt(prompt_token_ids=list(ids[i])) for i in live],
-                                     pooling_params=self.pooling_params, use_tqdm=False)
+            outputs = self.llm.embed(
+                [TokensPrompt(prompt_token_ids=list(ids[i])) for i in live],
+                pooling_params=self.pooling_params,
+                use_tqdm=False,
+            )
             if len(outputs) != len(live):  # pragma: no cover - vLLM returns one output per prompt
                 raise RuntimeError(f"vLLM returned {len(outputs)} embeddings for {len(live)} texts")
             for index, output in zip(live, outputs, strict=True):
