@@ -86,6 +86,10 @@ def check_feasible(stages: dict[str, Any], joined_cluster: bool) -> None:
         if not joined_cluster:
             raise ValueError(message + "; lower the stage's resources or run on a cluster that has them")
         logger.warning("%s; waiting for the autoscaler to add one", message)
+    if stages["select"].index.type == "ray":
+        from deita_ray.selection.pipeline import check_stream_room
+
+        check_stream_room(stages["select"].index, joined_cluster)
 
 
 def _stage_line(stage: str, result: dict[str, Any], skipped: bool) -> str:

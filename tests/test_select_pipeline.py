@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from deita_ray.config import SelectConfig
+from deita_ray.config import RayIndexConfig, SelectConfig
 from deita_ray.scoring.pipeline import scored_table
-from deita_ray.selection.pipeline import run_select
+from deita_ray.selection.pipeline import check_stream_room, run_select, stream_room_problem
 from tests.ray_cluster import ray_local  # noqa: F401
 from tests.select_reference import plain_greedy, rank_order, unit_rows
 
@@ -75,8 +75,12 @@ def reference_ids(pool: dict, threshold: float, budget: int, keep=None) -> list[
     return [ids[order[i]] for i in plain_greedy(unit, threshold, budget)]
 
 
+def selected_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+
+
 def selected_ids(out: Path) -> list[str]:
-    return [json.loads(line)["id"] for line in (out / "selected.jsonl").read_text().splitlines()]
+    return [row["id"] for row in selected_rows(out)]
 
 
 def select(root: Path, out: str, **fields) -> dict:
@@ -300,6 +304,22 @@ def test_cli_yaml_resume_and_config_change(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "threshold" in bad.stderr
 
 
+def test_index_shards_must_leave_room_for_the_candidate_stream(ray_local, caplog) -> None:  # noqa: F811
+    """The stream's Ray Data sort tasks take a whole CPU beside the shards' reservations; without one
+    the scan would wait forever, so a local Ray refuses and a joined cluster warns (autoscaling)."""
+    fits = RayIndexConfig(num_shards=2, shard_num_cpus=0.5)  # 1 of 2 CPUs left
+    crowded = RayIndexConfig(num_shards=3, shard_num_cpus=0.5)  # 0.5 left
+    assert stream_room_problem(fits, [{"CPU": 2.0}]) is None
+    assert "leave 0.5 of the cluster's 2 CPUs" in stream_room_problem(crowded, [{"CPU": 2.0}])
+    assert stream_room_problem(crowded, [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}]) is None
+    check_stream_room(fits, joined_cluster=False)
+    with pytest.raises(ValueError, match="shard_num_cpus"):
+        check_stream_room(crowded, joined_cluster=False)
+    with caplog.at_level("WARNING", logger="deita_ray"):
+        check_stream_room(crowded, joined_cluster=True)
+    assert "waiting for the autoscaler" in caplog.text
+
+
 @pytest.mark.integration
 def test_ray_index_equals_local(tmp_path: Path, ray_local) -> None:  # noqa: F811
     pool = write_pool(tmp_path, n=900, dim=32, seed=6, shards=4)
@@ -317,26 +337,35 @@ def test_ray_index_equals_local(tmp_path: Path, ray_local) -> None:  # noqa: F81
         selected_ids(tmp_path / "ray") == selected_ids(tmp_path / "local") == reference_ids(pool, 0.85, 150)
     )
     assert distributed["scanned"] == local["scanned"]
-    assert (tmp_path / "ray" / "selected.jsonl").read_text() == (
-        tmp_path / "local" / "selected.jsonl"
-    ).read_text()
+    # Same rows; max_similarity is the float32 product, whose last bits depend on the BLAS blocking of
+    # each shard's share of the accepted set (decisions near τ are rechecked in float64, so they do not).
+    ray_rows, local_rows = selected_rows(tmp_path / "ray"), selected_rows(tmp_path / "local")
+    assert ray_rows[0]["max_similarity"] is None is local_rows[0]["max_similarity"]
+    for ray_row, local_row in zip(ray_rows[1:], local_rows[1:], strict=True):
+        assert ray_row.pop("max_similarity") == pytest.approx(local_row.pop("max_similarity"), abs=1e-6)
+        assert ray_row == local_row
 
     # Small rank windows (several Ray Data sorts), checkpoints after every chunk, and a resume from
     # the middle of a window: the cursor is rolled back as if the driver died there.
-    windowed = {"type": "ray", "num_shards": 3, "first_window": 70}
+    # Three shards at 0.25 CPU leave the stream's sort tasks their CPU on this 2-CPU Ray.
+    windowed = {"type": "ray", "num_shards": 3, "shard_num_cpus": 0.25, "first_window": 70}
     select(tmp_path, "win", budget=150, threshold=0.85, chunk_size=32, plots=False, index=windowed,
            checkpoint_interval_s=0)
     assert selected_ids(tmp_path / "win") == selected_ids(tmp_path / "local")
     cursor_path = tmp_path / "win" / "_checkpoint" / "cursor.json"
     cursor = json.loads(cursor_path.read_text())
-    assert cursor["parts"] >= 4
-    scans = [pq.read_table(tmp_path / "win" / "_checkpoint" / f"scan-{k:06d}.parquet") for k in range(3)]
-    accepted = [pq.read_table(tmp_path / "win" / "_checkpoint" / f"accepted-{k:06d}.parquet") for k in range(3)]
-    cursor_path.write_text(json.dumps({"parts": 3, "scanned": sum(len(t) for t in scans),
-                                       "accepted": sum(len(t) for t in accepted), "rechecks": 0}))
+    assert cursor["parts"] >= 5
+    # Chunks stop at window ends: 32 + 32 + 6 ranks fill the first window [0, 70), the fourth chunk is
+    # the first of the second window [70, 210). Roll back to after it: the resume starts mid-window.
+    checkpoint = tmp_path / "win" / "_checkpoint"
+    scans = [pq.read_table(checkpoint / f"scan-{k:06d}.parquet") for k in range(4)]
+    accepted = [pq.read_table(checkpoint / f"accepted-{k:06d}.parquet") for k in range(4)]
+    assert [len(t) for t in scans] == [32, 32, 6, 32]
+    cursor_path.write_text(json.dumps({"parts": 4, "scanned": 102, "accepted": sum(len(t) for t in accepted),
+                                       "rechecks": 0}))
     (tmp_path / "win" / "report.json").unlink()
     resumed = select(tmp_path, "win", budget=150, threshold=0.85, chunk_size=32, plots=False, index=windowed)
-    assert resumed["resumed_from_candidate"] == 96
+    assert resumed["resumed_from_candidate"] == 102
     assert selected_ids(tmp_path / "win") == selected_ids(tmp_path / "local")
 
 

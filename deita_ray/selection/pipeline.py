@@ -291,6 +291,37 @@ def write_outputs(config: SelectConfig, rows: list[dict[str, Any]], plan: cand.C
 # --- driver ---------------------------------------------------------------------------------------
 
 
+# Ray Data's sort tasks (the candidate stream of the Ray index) ask for one CPU each; Ray 2.60 offers no
+# setting for it. They run while the index shards hold their reservation.
+SORT_TASK_CPUS = 1.0
+
+
+def stream_room_problem(index: RayIndexConfig, nodes: list[dict[str, float]]) -> str | None:
+    """Why the candidate stream could never run beside the index shards on these nodes (None: it can).
+    Checked on the cluster's totals: without the room, the scan would wait forever for its sort tasks."""
+    total = sum(node.get("CPU", 0.0) for node in nodes)
+    reserved = index.num_shards * index.shard_num_cpus
+    if total - reserved >= SORT_TASK_CPUS:
+        return None
+    return (
+        f"select: {index.num_shards} index shards × {index.shard_num_cpus} CPU leave {total - reserved:g} of "
+        f"the cluster's {total:g} CPUs, and the candidate stream's sort tasks need {SORT_TASK_CPUS:g} "
+        "(lower index.shard_num_cpus or index.num_shards)"
+    )
+
+
+def check_stream_room(index: RayIndexConfig, joined_cluster: bool) -> None:
+    """On the local Ray this run started: an error before any work. On a cluster an autoscaler may
+    still add CPUs: a warning."""
+    import ray
+
+    problem = stream_room_problem(index, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    if problem and not joined_cluster:
+        raise ValueError(problem)
+    if problem:
+        logger.warning("%s; waiting for the autoscaler to add CPUs", problem)
+
+
 def _scan_embeddings(config: SelectConfig, files: list[str]) -> list[pa.Table]:
     if isinstance(config.index, RayIndexConfig):
         import ray
@@ -317,7 +348,11 @@ def run_select(config: SelectConfig) -> dict[str, Any]:
         logger.warning("deita-ray select: %s is complete for this config", config.output)
         return io.read_json(report_path)
     if isinstance(config.index, RayIndexConfig):
+        import ray
+
+        joined_cluster = ray.is_initialized() or config.ray_address not in (None, "local")
         connect_ray(config.ray_address)
+        check_stream_room(config.index, joined_cluster)
     scores = cand.read_scores(score_paths, config.score_column)
     plan = cand.plan_candidates(scores, _scan_embeddings(config, embedding_paths), embedding_paths)
     planned = time.perf_counter()
