@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from deita_ray import shards
 from deita_ray.plan import Unit
 from deita_ray.records import RejectReason
 
@@ -92,3 +95,37 @@ def unit_pipeline(
             **actor_args,
         )
         return ds.map(write_stage, **task_args)
+
+
+@dataclass
+class UnitTally:
+    """A finished stage's completion markers, added up."""
+
+    markers: dict[str, dict[str, Any]]
+    totals: Counter[str]
+    rejected: Counter[str]
+    planned_rows: int
+
+
+def tally_units(output: str, units: list[Unit], counted: tuple[str, ...], done: str) -> UnitTally:
+    """Read every unit's marker, add up `counted` keys and the rejects per reason, and check the
+    accounting identity: every planned input row is `done` (scored, embedded), rejected or blank,
+    exactly once."""
+    markers = {m["unit_id"]: m for m in shards.read_markers(output)}
+    missing = [u.unit_id for u in units if u.unit_id not in markers]
+    if missing:
+        raise RuntimeError(f"{len(missing)} units have no completion marker (e.g. {missing[:3]})")
+    rejected: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    for marker in markers.values():
+        rejected.update(marker["rejected"])
+        for key in ("input_rows", "blank", done, *counted):
+            totals[key] += marker.get(key, 0)
+    planned_rows = sum(u.n_rows for u in units)
+    n_rejected = sum(rejected.values())
+    if not (totals["input_rows"] == planned_rows == totals[done] + n_rejected + totals["blank"]):
+        raise AssertionError(
+            f"accounting failed: planned {planned_rows}, read {totals['input_rows']}, "
+            f"{done} {totals[done]} + rejected {n_rejected} + blank {totals['blank']}"
+        )
+    return UnitTally(markers, totals, rejected, planned_rows)

@@ -13,13 +13,14 @@ from embed_reference import CONVERSATIONS, load_causal_lm, reference_embedding
 from pydantic import ValidationError
 
 from deita_ray import cli
+from deita_ray.batching import length_batches
 from deita_ray.config import (
     CausalLMEmbedderConfig,
     EmbedConfig,
     SentenceTransformersEmbedderConfig,
     load_yaml,
 )
-from deita_ray.embedding.embedders import length_batches, make_embedder
+from deita_ray.embedding.embedders import make_embedder
 from deita_ray.embedding.render import RenderError, render_conversation
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"

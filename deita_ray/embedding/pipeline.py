@@ -41,7 +41,14 @@ from deita_ray.scoring.pipeline import (
     ReadUnitStage,
     plan_units,
 )
-from deita_ray.stages import connect_ray, current_node_id, reject_row, require_columns, unit_pipeline
+from deita_ray.stages import (
+    connect_ray,
+    current_node_id,
+    reject_row,
+    require_columns,
+    tally_units,
+    unit_pipeline,
+)
 
 logger = logging.getLogger("deita_ray")
 
@@ -377,34 +384,18 @@ def build_dataset(config: EmbedConfig, pending: list[Unit]):
 def summarize(
     config: EmbedConfig, units: list[Unit], timings: dict[str, float], run: dict[str, Any]
 ) -> dict[str, Any]:
-    markers = {m["unit_id"]: m for m in shards.read_markers(config.output)}
-    missing = [u.unit_id for u in units if u.unit_id not in markers]
-    if missing:
-        raise RuntimeError(f"{len(missing)} units have no completion marker (e.g. {missing[:3]})")
-    rejected: Counter[str] = Counter()
-    totals: Counter[str] = Counter()
-    for marker in markers.values():
-        rejected.update(marker["rejected"])
-        for key in ("input_rows", "blank", "embedded", "truncated", "tokens", "non_finite", "zero_norm"):
-            totals[key] += marker.get(key, 0)
+    counted = ("truncated", "tokens", "non_finite", "zero_norm")
+    tally = tally_units(config.output, units, counted, done="embedded")
+    markers, totals, rejected = tally.markers, tally.totals, tally.rejected
     dims = {m["dim"] for m in markers.values()}
     if len(dims) > 1:
         raise AssertionError(f"units disagree on the embedding dimension: {sorted(dims)}")
-    planned_rows = sum(u.n_rows for u in units)
-    n_rejected = sum(rejected.values())
-    # The accounting identity: every input row is embedded, rejected or blank, exactly once.
-    if not (totals["input_rows"] == planned_rows == totals["embedded"] + n_rejected + totals["blank"]):
-        raise AssertionError(
-            f"accounting failed: planned {planned_rows}, read {totals['input_rows']}, "
-            f"embedded {totals['embedded']} + rejected {n_rejected} + "
-            f"blank {totals['blank']}"
-        )
     seconds = timings.get("embed_seconds", 0.0)
     return {
         "output": config.output,
-        "input_rows": planned_rows,
+        "input_rows": tally.planned_rows,
         "embedded": totals["embedded"],
-        "rejected": n_rejected,
+        "rejected": sum(rejected.values()),
         "rejected_by_reason": dict(sorted(rejected.items())),
         "blank": totals["blank"],
         "truncated": totals["truncated"],

@@ -28,7 +28,14 @@ from deita_ray import io, shards
 from deita_ray.config import EmbedConfig, ScoreConfig
 from deita_ray.plan import Unit, attach_duplicates, find_duplicates, iter_source_rows, plan_file
 from deita_ray.records import Reject, RejectReason, normalize_row
-from deita_ray.stages import connect_ray, current_node_id, reject_row, require_columns, unit_pipeline
+from deita_ray.stages import (
+    connect_ray,
+    current_node_id,
+    reject_row,
+    require_columns,
+    tally_units,
+    unit_pipeline,
+)
 
 logger = logging.getLogger("deita_ray")
 
@@ -163,7 +170,7 @@ class ScoreStage:
             results = self.scorer.score_samples([s["conversations"] for s in samples])
             scored = []
             truncated = tokens = 0
-            for sample, result in zip(samples, results):
+            for sample, result in zip(samples, results, strict=True):
                 if result.reject is not None:
                     reason, message = result.reject
                     rejects.append(
@@ -308,30 +315,14 @@ def summarize(
     run_rows: int,
     run_tokens: int,
 ) -> dict[str, Any]:
-    markers = {m["unit_id"]: m for m in shards.read_markers(config.output)}
-    missing = [u.unit_id for u in units if u.unit_id not in markers]
-    if missing:
-        raise RuntimeError(f"{len(missing)} units have no completion marker (e.g. {missing[:3]})")
-    rejected: Counter[str] = Counter()
-    totals = Counter()
-    for marker in markers.values():
-        rejected.update(marker["rejected"])
-        for key in ("input_rows", "blank", "scored", "truncated", "prompt_tokens"):
-            totals[key] += marker.get(key, 0)
-    planned_rows = sum(u.n_rows for u in units)
-    n_rejected = sum(rejected.values())
-    # The accounting identity: every input row is scored, rejected or blank, exactly once.
-    if not (totals["input_rows"] == planned_rows == totals["scored"] + n_rejected + totals["blank"]):
-        raise AssertionError(
-            f"accounting failed: planned {planned_rows}, read {totals['input_rows']}, "
-            f"scored {totals['scored']} + rejected {n_rejected} + blank {totals['blank']}"
-        )
+    tally = tally_units(config.output, units, ("truncated", "prompt_tokens"), done="scored")
+    totals, rejected = tally.totals, tally.rejected
     seconds = timings.get("score_seconds", 0.0)
     return {
         "output": config.output,
-        "input_rows": planned_rows,
+        "input_rows": tally.planned_rows,
         "scored": totals["scored"],
-        "rejected": n_rejected,
+        "rejected": sum(rejected.values()),
         "rejected_by_reason": dict(sorted(rejected.items())),
         "blank": totals["blank"],
         "truncated": totals["truncated"],

@@ -9,12 +9,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from deita_ray.batching import length_batches
 from deita_ray.embedding.embedders import (
     Embedder,
     EmbedResult,
     effective_max_length,
     encode_texts,
-    length_batches,
     resolve_device,
 )
 from deita_ray.scoring.backends.hf import resolve_torch_dtype

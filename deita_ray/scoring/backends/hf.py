@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from deita_ray.batching import length_batches
 from deita_ray.scoring.backends import DigitValues, ScorerBackend
 
 
@@ -33,28 +34,10 @@ class TransformersBackend(ScorerBackend):
             self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         self.digit_index = torch.tensor(self.digits.ids, device=self.device)
 
-    def batches(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Indices grouped longest-first into batches of ≤ batch_size prompts and ≤ max_batch_tokens
-        padded tokens. Sorting by length keeps padding (wasted compute) small."""
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        groups: list[list[int]] = []
-        current: list[int] = []
-        for index in order:
-            width = lengths[current[0]] if current else lengths[index]
-            if current and (
-                len(current) >= self.batch_size or width * (len(current) + 1) > self.config.max_batch_tokens
-            ):
-                groups.append(current)
-                current = []
-            current.append(index)
-        if current:
-            groups.append(current)
-        return groups
-
     @torch.inference_mode()
     def digit_values(self, prompts: Sequence[Sequence[int]]) -> list[DigitValues]:
         results: list[DigitValues] = [""] * len(prompts)
-        for group in self.batches([len(p) for p in prompts]):
+        for group in length_batches([len(p) for p in prompts], self.batch_size, self.config.max_batch_tokens):
             width = max(len(prompts[i]) for i in group)
             # Left padding puts every prompt's last token at position -1, so the LM head runs on one
             # position per row (logits_to_keep=1) instead of materialising [batch, seq, vocab].
@@ -63,8 +46,8 @@ class TransformersBackend(ScorerBackend):
             attention = torch.zeros((len(group), width), dtype=torch.long)
             for row, index in enumerate(group):
                 ids = prompts[index]
-                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attention[row, width - len(ids):] = 1
+                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                attention[row, width - len(ids) :] = 1
             positions = (attention.cumsum(-1) - 1).clamp(min=0)
             logits = self.net(
                 input_ids=input_ids.to(self.device),
