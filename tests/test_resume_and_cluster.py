@@ -154,21 +154,22 @@ def assert_same_output(output: Path, expected: Path) -> None:
 
 
 class CliRun:
-    """`deita-ray score` as a subprocess in its own session, with its own local Ray in a private temp dir.
+    """`deita-ray COMMAND` (default `score`) as a subprocess in its own session, with its own local Ray in
+    a private temp dir.
 
     Killing the process group is not enough: Ray workers run in process groups of their own and outlive
     a SIGKILLed driver (raylet and GCS die with it). Every process the run left, recognised by a tag in
     its environment that Ray workers inherit, is killed here by pid.
     """
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], command: str = "score") -> None:
         self.tag = uuid.uuid4().hex
         self.ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths are limited
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update(RAY_TMPDIR=self.ray_tmp, DEITA_RAY_TEST_TAG=self.tag, HF_HUB_OFFLINE="1",
                    RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
         self.log = open(Path(self.ray_tmp) / "driver.log", "w+")  # noqa: SIM115
-        self.proc = subprocess.Popen([str(DEITA_RAY), "score", *args], env=env, stdout=self.log,
+        self.proc = subprocess.Popen([str(DEITA_RAY), command, *args], env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:
@@ -181,7 +182,7 @@ class CliRun:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            pytest.fail(f"deita-ray score did not finish in {timeout}s:\n{self.output()[-3000:]}")
+            pytest.fail(f"deita-ray {self.proc.args[1]} did not finish in {timeout}s:\n{self.output()[-3000:]}")
 
     def kill(self) -> None:
         try:

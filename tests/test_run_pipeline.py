@@ -13,12 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from pydantic import ValidationError
+from ray_cluster import ray_local  # noqa: F401
+from reference import mixed_pool
+from select_reference import plain_greedy, rank_order, unit_rows
+from test_resume_and_cluster import CliRun, _kill_after, _marker_mtimes, assert_same_output
 
 from deita_ray.config import RunConfig
 from deita_ray.run import StageChangedError, run_pipeline
-from tests.ray_cluster import ray_local  # noqa: F401
-from tests.reference import mixed_pool
-from tests.select_reference import plain_greedy, rank_order, unit_rows
 
 
 def run_config(pool: Path, out: Path, model: Path, **select) -> dict:
@@ -107,6 +108,52 @@ def test_run_chains_stages_skips_and_invalidates(tmp_path: Path, tiny_llama: Pat
     redone = run_pipeline(RunConfig.model_validate({**config, "overwrite": True}))
     assert [s["status"] for s in redone["stages"].values()] == ["skipped", "ran", "ran"]
     assert selected(run) == expected_selection(run, 12, 0.8)
+
+
+@pytest.mark.integration
+def test_killed_run_resumes_to_the_undisturbed_result(tmp_path: Path, tiny_llama: Path, ray_local) -> None:  # noqa: F811
+    """SIGKILL `deita-ray run` (driver and its local Ray) once the embed stage has finished 2 units; the
+    re-run skips the complete score stage, embeds only the unmarked units, selects, and every output
+    equals an undisturbed run's."""
+    pool, _ = mixed_pool(tmp_path, n_alpaca=6, n_sharegpt=4, n_messages=6)
+    config = run_config(pool, tmp_path / "killed", tiny_llama, budget=8)
+    # 8 score units, so 8 embed units (one per scored shard): a window to land the kill in.
+    config["score"]["rows_per_shard"] = 2
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = CliRun([str(path), "--ray-address", "local"], command="run")
+    try:
+        watcher, outcome = _kill_after(cli, tmp_path / "killed" / "embed" / "_done", units=2, timeout=300)
+        watcher.join()
+    finally:
+        cli.kill()
+        cli.cleanup()
+    assert outcome.get("killed"), f"run not killed mid-embed ({outcome}):\n{cli.output()[-3000:]}"
+    killed = tmp_path / "killed"
+    assert (killed / "score" / "summary.json").exists() and not (killed / "embed" / "summary.json").exists()
+    finished = _marker_mtimes(killed / "embed")
+    assert 2 <= len(finished) < 8
+
+    resumed = run_pipeline(RunConfig.model_validate(config))
+    assert [s["status"] for s in resumed["stages"].values()] == ["skipped", "ran", "ran"]
+    embed_summary = json.loads((killed / "embed" / "summary.json").read_text())
+    assert embed_summary["units"] == 8 and embed_summary["units_this_run"] == 8 - len(finished)
+    mtimes = _marker_mtimes(killed / "embed")
+    assert {u: mtimes[u] for u in finished} == finished, "finished embed units were redone"
+
+    undisturbed = {**config, "output": str(tmp_path / "undisturbed")}
+    run_pipeline(RunConfig.model_validate(undisturbed))
+    undisturbed_dir = tmp_path / "undisturbed"
+    assert_same_output(killed / "score", undisturbed_dir / "score")
+    got, want = (
+        pa.concat_tables([pq.read_table(p) for p in sorted((run / "embed" / "embeddings").glob("*.parquet"))])
+        for run in (killed, undisturbed_dir)
+    )
+    assert got.sort_by("id").equals(want.sort_by("id"))
+    assert (killed / "select" / "selected.jsonl").read_text() == (
+        undisturbed_dir / "select" / "selected.jsonl"
+    ).read_text()
+    assert selected(killed) == expected_selection(killed, 8, 0.9)
 
 
 def test_run_config_is_validated_before_any_work(tmp_path: Path, tiny_llama: Path) -> None:

@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from ray_cluster import ray_local  # noqa: F401
+from select_reference import plain_greedy, rank_order, unit_rows
 
 from deita_ray.config import RayIndexConfig, SelectConfig
 from deita_ray.scoring.pipeline import scored_table
 from deita_ray.selection.pipeline import check_stream_room, run_select, stream_room_problem
-from tests.ray_cluster import ray_local  # noqa: F401
-from tests.select_reference import plain_greedy, rank_order, unit_rows
 
 REPO = Path(__file__).resolve().parents[1]
 

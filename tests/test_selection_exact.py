@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from select_reference import exact_cos, plain_greedy, plain_greedy_float32, unit_rows
 
 from deita_ray.selection.greedy import greedy_select, normalize_rows, resolve_chunk, rounding_band
 from deita_ray.selection.index import LocalIndex, ShardedIndex
-from tests.select_reference import exact_cos, plain_greedy, plain_greedy_float32, unit_rows
 
 
 def make_pool(
