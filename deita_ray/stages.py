@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +29,13 @@ def require_columns(row: dict[str, Any], columns: tuple[str, ...], stage: str) -
     missing = [c for c in columns if c not in row]
     if missing:
         raise KeyError(f"{stage} needs columns {missing}; got {sorted(row)}")
+
+
+def unpack_unit_row(row: dict[str, Any], inputs: tuple[str, ...], stage: str, payload: str):
+    """A unit row between stages → (unit, its `payload` list, its rejects, its counts so far)."""
+    require_columns(row, inputs, stage)
+    unit = Unit.from_dict(json.loads(row["unit"]))
+    return unit, pickle.loads(row[payload]), pickle.loads(row["rejects"]), json.loads(row["counts"])
 
 
 def reject_row(

@@ -48,6 +48,7 @@ from deita_ray.stages import (
     require_columns,
     tally_units,
     unit_pipeline,
+    unpack_unit_row,
 )
 
 logger = logging.getLogger("deita_ray")
@@ -249,7 +250,6 @@ class EmbedStage:
     inputs = ("unit", "samples", "rejects", "counts")
 
     def __init__(self, config_json: str) -> None:
-
         config = EmbedConfig.model_validate_json(config_json)
         self.normalize, self.embedding_dtype = config.normalize, config.embedding_dtype
         self.embedder = make_embedder(config.model, config.embedder, config.batch_size)
@@ -260,11 +260,7 @@ class EmbedStage:
         out: dict[str, list] = {name: [] for name in ("unit", "embedded", "rejects", "counts")}
         for index in range(len(batch["unit"])):
             row = {name: batch[name][index] for name in self.inputs}
-            require_columns(row, self.inputs, type(self).__name__)
-            unit = Unit.from_dict(json.loads(row["unit"]))
-            samples = pickle.loads(row["samples"])
-            rejects = pickle.loads(row["rejects"])
-            counts = json.loads(row["counts"])
+            unit, samples, rejects, counts = unpack_unit_row(row, self.inputs, type(self).__name__, "samples")
             started = time.perf_counter()
             if samples:
                 result = self.embedder.embed([s["text"] for s in samples])

@@ -35,6 +35,7 @@ from deita_ray.stages import (
     require_columns,
     tally_units,
     unit_pipeline,
+    unpack_unit_row,
 )
 
 logger = logging.getLogger("deita_ray")
@@ -161,11 +162,7 @@ class ScoreStage:
         out: dict[str, list] = {name: [] for name in ("unit", "scored", "rejects", "counts")}
         for index in range(len(batch["unit"])):
             row = {name: batch[name][index] for name in self.inputs}
-            require_columns(row, self.inputs, type(self).__name__)
-            unit = Unit.from_dict(json.loads(row["unit"]))
-            samples = pickle.loads(row["samples"])
-            rejects = pickle.loads(row["rejects"])
-            counts = json.loads(row["counts"])
+            unit, samples, rejects, counts = unpack_unit_row(row, self.inputs, type(self).__name__, "samples")
             started = time.perf_counter()
             results = self.scorer.score_samples([s["conversations"] for s in samples])
             scored = []
