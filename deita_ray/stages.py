@@ -38,6 +38,16 @@ def unpack_unit_row(row: dict[str, Any], inputs: tuple[str, ...], stage: str, pa
     return unit, pickle.loads(row[payload]), pickle.loads(row["rejects"]), json.loads(row["counts"])
 
 
+def append_unit_row(
+    out: dict[str, list], unit_json: str, payload: str, items: list | dict, rejects: list, counts: dict
+) -> None:
+    """The inverse of `unpack_unit_row`: add a unit's row to a stage's output batch."""
+    out["unit"].append(unit_json)
+    out[payload].append(pickle.dumps(items))
+    out["rejects"].append(pickle.dumps(rejects))
+    out["counts"].append(json.dumps(counts))
+
+
 def reject_row(
     unit: Unit, row: int, raw: str, reason: RejectReason, message: str, sample_id: str | None = None
 ) -> dict[str, Any]:

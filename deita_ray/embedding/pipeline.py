@@ -42,6 +42,7 @@ from deita_ray.scoring.pipeline import (
     plan_units,
 )
 from deita_ray.stages import (
+    append_unit_row,
     connect_ray,
     current_node_id,
     reject_row,
@@ -293,10 +294,7 @@ class EmbedStage:
                 embedder_pid=self.pid,
                 embedder_node=self.node,
             )
-            out["unit"].append(row["unit"])
-            out["embedded"].append(pickle.dumps(embedded))
-            out["rejects"].append(pickle.dumps(rejects))
-            out["counts"].append(json.dumps(counts))
+            append_unit_row(out, row["unit"], "embedded", embedded, rejects, counts)
         return out
 
     def __del__(self) -> None:

@@ -29,6 +29,7 @@ from deita_ray.config import EmbedConfig, ScoreConfig
 from deita_ray.plan import Unit, attach_duplicates, find_duplicates, iter_source_rows, plan_file
 from deita_ray.records import Reject, RejectReason, normalize_row
 from deita_ray.stages import (
+    append_unit_row,
     connect_ray,
     current_node_id,
     reject_row,
@@ -191,10 +192,7 @@ class ScoreStage:
                 scorer_pid=self.scorer_pid,
                 scorer_node=self.scorer_node,
             )
-            out["unit"].append(row["unit"])
-            out["scored"].append(pickle.dumps(scored))
-            out["rejects"].append(pickle.dumps(rejects))
-            out["counts"].append(json.dumps(counts))
+            append_unit_row(out, row["unit"], "scored", scored, rejects, counts)
         return out
 
     def __del__(self) -> None:
