@@ -26,24 +26,6 @@ import time
 from pathlib import Path
 
 
-def load_pool(n_samples: int) -> list[dict]:
-    """The bundled pool's valid rows, repeated to size with distinct ids (so none is a duplicate)."""
-    from deita_ray.demo import demo_pool_dir
-    from deita_ray.records import detect_format, normalize_row
-
-    pool = demo_pool_dir()
-    rows = json.loads((pool / "alpaca_160.json").read_text())
-    rows += json.loads((pool / "sharegpt_100.json").read_text())
-    rows += [json.loads(line) for line in (pool / "messages_60.jsonl").read_text().splitlines()]
-    valid = [r for r in rows if isinstance(normalize_row(r, detect_format(r)), dict)]
-    samples = []
-    for i in range(n_samples):
-        row = dict(valid[i % len(valid)])
-        row["id"] = f"bench-{i}"
-        samples.append(row)
-    return samples
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,20 +45,19 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from deita_ray import io, shards
-    from deita_ray.config import EmbedConfig
+    from deita_ray import io
+    from deita_ray.bundled_models import minilm_path
+    from deita_ray.embedding.config import EmbedConfig
     from deita_ray.embedding.pipeline import build_dataset, plan_embed_units
     from deita_ray.embedding.render import render_conversation
-    from deita_ray.models import minilm_path
-    from deita_ray.records import detect_format, normalize_row
+    from deita_ray.ingest.records import normalize_row
+    from deita_ray.runtime import markers
+    from deita_ray.testing.pools import demo_rows, write_pool_by_format
 
     model = args.model or str(minilm_path())
     workdir = Path(tempfile.mkdtemp(prefix="deita-embed-bench-"))
-    rows = load_pool(args.samples)
-    (workdir / "pool").mkdir()
-    for fmt in ("alpaca", "sharegpt", "messages"):  # formats are detected per file
-        lines = [json.dumps(r) for r in rows if detect_format(r) == fmt]
-        (workdir / "pool" / f"{fmt}.jsonl").write_text("\n".join(lines) + "\n")
+    rows = demo_rows(args.samples)
+    write_pool_by_format(workdir / "pool", rows)  # formats are detected per file
     config = EmbedConfig(
         input=[str(workdir / "pool")], output=str(workdir / "out"), model=model,
         embedder={"kind": "sentence-transformers", "torch_threads": args.threads, "device": "cpu"},
@@ -88,7 +69,7 @@ def main() -> None:
 
     # 1. Ray Data pipeline
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
-    shards.claim_output(config.output, config.result_fingerprint(), config.model_dump(mode="json"), False, ())
+    markers.claim_output(config.output, config.result_fingerprint(), config.model_dump(mode="json"), False, ())
     start = time.perf_counter()
     units = plan_embed_units(config, None, None)
     embedded_at = []  # (wall time the actor finished embedding the unit, unit id)

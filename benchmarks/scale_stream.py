@@ -288,7 +288,7 @@ def main() -> None:
 
     import psutil
 
-    from deita_ray.models import build_tiny_llama
+    from deita_ray.testing.tiny_llama import build_tiny_llama
 
     workdir = Path(args.workdir).resolve()
     model = workdir / "tiny_llama"  # supplies the tokenizer only

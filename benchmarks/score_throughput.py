@@ -24,22 +24,6 @@ from pathlib import Path
 import torch
 
 
-def load_pool(n_samples: int) -> list[dict]:
-    from deita_ray.demo import demo_pool_dir
-    from deita_ray.records import detect_format, normalize_row
-
-    pool = demo_pool_dir()
-    rows = json.loads((pool / "alpaca_160.json").read_text()) + json.loads((pool / "sharegpt_100.json").read_text())
-    rows += [json.loads(line) for line in (pool / "messages_60.jsonl").read_text().splitlines()]
-    valid = [r for r in rows if isinstance(normalize_row(r, detect_format(r)), dict)]
-    samples = []
-    for i in range(n_samples):  # repeat to size; distinct ids so the pipeline does not dedup them
-        row = dict(valid[i % len(valid)])
-        row["id"] = f"bench-{i}"
-        samples.append(row)
-    return samples
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="'tiny' (random 2-layer Llama), 'smollm2', or a path")
@@ -54,11 +38,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from deita_ray import io
-    from deita_ray.config import ScoreConfig
-    from deita_ray.models import build_tiny_llama, smollm2_path
-    from deita_ray.records import detect_format, normalize_row, scoring_pairs
+    from deita_ray.bundled_models import smollm2_path
+    from deita_ray.ingest.records import normalize_row, scoring_pairs
+    from deita_ray.scoring.config import ScoreConfig
     from deita_ray.scoring.prompts import complexity_prompt, quality_prompt
     from deita_ray.scoring.scorer import Scorer, encode_prompt
+    from deita_ray.testing.pools import demo_rows, write_pool_by_format
+    from deita_ray.testing.tiny_llama import build_tiny_llama
 
     workdir = Path(tempfile.mkdtemp(prefix="deita-bench-"))
     if args.model == "tiny":
@@ -67,11 +53,8 @@ def main() -> None:
         model = str(smollm2_path())
     else:
         model = args.model
-    rows = load_pool(args.samples)
-    (workdir / "pool").mkdir()
-    for fmt in ("alpaca", "sharegpt", "messages"):  # formats are detected per file
-        lines = [json.dumps(r) for r in rows if detect_format(r) == fmt]
-        (workdir / "pool" / f"{fmt}.jsonl").write_text("\n".join(lines) + "\n")
+    rows = demo_rows(args.samples)
+    write_pool_by_format(workdir / "pool", rows)  # formats are detected per file
     config = ScoreConfig(
         input=[str(workdir / "pool")], output=str(workdir / "out"), complexity_model=model,
         quality_model=model, batch_size=args.batch_size, max_model_len=args.max_model_len,
@@ -106,9 +89,9 @@ def main() -> None:
                     ids, _ = encode_prompt(tokenizer, fn, fields, limit, "middle")
                     logits = net(torch.tensor([ids])).logits[0, -1, digits].double()
                     out.append(float((torch.softmax(logits, -1) * torch.arange(1, 7)).sum()))
-            reference.append(float(sum(x * y for x, y in zip(c, q))))
+            reference.append(float(sum(x * y for x, y in zip(c, q, strict=True))))
     reference_s = time.perf_counter() - start
-    max_diff = max(abs(a - b.evol) for a, b in zip(reference, batched))
+    max_diff = max(abs(a - b.evol) for a, b in zip(reference, batched, strict=True))
     scorer.teardown()
 
     # 3. Ray Data pipeline
@@ -117,9 +100,9 @@ def main() -> None:
     from deita_ray.scoring.pipeline import build_dataset, plan_units
 
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
-    from deita_ray import shards
+    from deita_ray.runtime import markers
 
-    shards.claim_output(config.output, config.result_fingerprint(), config.model_dump(mode="json"), False, ())
+    markers.claim_output(config.output, config.result_fingerprint(), config.model_dump(mode="json"), False, ())
     start = time.perf_counter()
     units = plan_units(config)
     finish_times, unit_rows, unit_tokens = [], [], []

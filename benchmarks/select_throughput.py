@@ -27,7 +27,8 @@ import time
 
 import numpy as np
 
-from deita_ray.selection.greedy import greedy_select, normalize_rows, rounding_band
+from deita_ray.selection.greedy import greedy_select
+from deita_ray.selection.similarity import normalize_rows, rounding_band
 
 
 def make_pool(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -71,7 +72,7 @@ def run_pipeline(raw: np.ndarray, budget: int, threshold: float, shards: int) ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from deita_ray.config import SelectConfig
+    from deita_ray.selection.config import SelectConfig
     from deita_ray.selection.pipeline import run_select
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,58 +1,89 @@
-"""deita_ray: Deita instruction-data selection (score → embed → select → train) at cluster scale on Ray."""
+"""deita_ray: Deita instruction-data selection (score → embed → select → train) at cluster scale on Ray.
+
+The Python API mirrors the CLI: `score`, `embed`, `select` (one stage each) and `run` (the registered
+stages chained under one run directory). Each returns the stage's typed summary (`.to_dict()` is the
+JSON file it also writes).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from deita_ray.config import (
+from deita_ray.config import ResourcesConfig
+from deita_ray.embedding.config import (
     CausalLMEmbedderConfig,
     EmbedConfig,
-    LocalIndexConfig,
-    OpenAIBackendConfig,
-    RayIndexConfig,
-    ResourcesConfig,
-    ScoreConfig,
-    SelectConfig,
     SentenceTransformersEmbedderConfig,
+    VLLMEmbedderConfig,
+)
+from deita_ray.embedding.summary import EmbedSummary
+from deita_ray.pipeline import RunConfig, RunSummary
+from deita_ray.scoring.config import (
+    OpenAIBackendConfig,
+    ScoreConfig,
     SyntheticBackendConfig,
     TransformersBackendConfig,
     VLLMBackendConfig,
-    VLLMEmbedderConfig,
 )
+from deita_ray.scoring.summary import ScoreSummary
+from deita_ray.selection.config import LocalIndexConfig, RayIndexConfig, SelectConfig
+from deita_ray.selection.summary import SelectReport
 
-__all__ = ["OpenAIBackendConfig", "ResourcesConfig", "ScoreConfig", "SyntheticBackendConfig",
-           "TransformersBackendConfig", "VLLMBackendConfig", "score"]
-__all__ += ["CausalLMEmbedderConfig", "EmbedConfig", "SentenceTransformersEmbedderConfig",
-            "VLLMEmbedderConfig", "embed"]
-__all__ += ["LocalIndexConfig", "RayIndexConfig", "SelectConfig", "select"]
+__all__ = [
+    "CausalLMEmbedderConfig",
+    "EmbedConfig",
+    "EmbedSummary",
+    "LocalIndexConfig",
+    "OpenAIBackendConfig",
+    "RayIndexConfig",
+    "ResourcesConfig",
+    "RunConfig",
+    "ScoreConfig",
+    "ScoreSummary",
+    "SelectConfig",
+    "SelectReport",
+    "SentenceTransformersEmbedderConfig",
+    "SyntheticBackendConfig",
+    "TransformersBackendConfig",
+    "VLLMBackendConfig",
+    "VLLMEmbedderConfig",
+    "embed",
+    "run",
+    "score",
+    "select",
+]
 
 
-def score(config: ScoreConfig | dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
-    """Score a pool; the same as `deita-ray score`. Returns the run summary (also in OUTPUT/summary.json).
+def _validated(config_type: type, config: Any, fields: dict[str, Any]) -> Any:
+    if isinstance(config, config_type) and not fields:
+        return config
+    if isinstance(config, config_type):
+        config = config.model_dump()
+    return config_type.model_validate({**(config or {}), **fields})
+
+
+def score(config: ScoreConfig | dict[str, Any] | None = None, **fields: Any) -> ScoreSummary:
+    """Score a pool; the same as `deita-ray score`. Returns the summary (also in OUTPUT/summary.json).
 
     Example: ``deita_ray.score(input=["pool.jsonl"], output="out", complexity_model=M, quality_model=M)``
     """
     from deita_ray.scoring.pipeline import run_score
 
-    if isinstance(config, ScoreConfig):
-        config = config.model_dump()
-    return run_score(ScoreConfig.model_validate({**(config or {}), **fields}))
+    return run_score(_validated(ScoreConfig, config, fields))
 
 
-def embed(config: EmbedConfig | dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
-    """Embed a scored directory or a raw pool; the same as `deita-ray embed`. Returns the run summary
+def embed(config: EmbedConfig | dict[str, Any] | None = None, **fields: Any) -> EmbedSummary:
+    """Embed a scored directory or a raw pool; the same as `deita-ray embed`. Returns the summary
     (also in OUTPUT/summary.json).
 
     Example: ``deita_ray.embed(input=["runs/score"], output="runs/embed", model=M, embedder="causal-lm")``
     """
     from deita_ray.embedding.pipeline import run_embed
 
-    if isinstance(config, EmbedConfig):
-        config = config.model_dump()
-    return run_embed(EmbedConfig.model_validate({**(config or {}), **fields}))
+    return run_embed(_validated(EmbedConfig, config, fields))
 
 
-def select(config: SelectConfig | dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+def select(config: SelectConfig | dict[str, Any] | None = None, **fields: Any) -> SelectReport:
     """Select a budget of high-score, diverse samples; the same as `deita-ray select`. Returns the
     report (also in OUTPUT/report.json).
 
@@ -61,6 +92,16 @@ def select(config: SelectConfig | dict[str, Any] | None = None, **fields: Any) -
     """
     from deita_ray.selection.pipeline import run_select
 
-    if isinstance(config, SelectConfig):
-        config = config.model_dump()
-    return run_select(SelectConfig.model_validate({**(config or {}), **fields}))
+    return run_select(_validated(SelectConfig, config, fields))
+
+
+def run(config: RunConfig | dict[str, Any]) -> RunSummary:
+    """Run the stages a run config has sections for; the same as `deita-ray run`. Returns the run
+    summary (also in OUTPUT/summary.json).
+
+    Example: ``deita_ray.run({"input": ["pool.jsonl"], "output": "runs/r1", "score": {...},
+    "embed": {...}, "select": {"budget": 6000}})``
+    """
+    from deita_ray.pipeline import run_pipeline
+
+    return run_pipeline(config if isinstance(config, RunConfig) else RunConfig.model_validate(config))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from deita_ray.config import RunConfig
+from deita_ray.pipeline import RunConfig
 
 
 def demo_pool_dir() -> Path:
@@ -25,7 +25,7 @@ def demo_run_config(output: str, model: str | None = None, embed_model: str | No
 
     Each model actor reserves 1 CPU and runs torch on 2 threads: the read/write tasks are light, and
     reserving both CPUs for the actor would starve them."""
-    from deita_ray.models import minilm_path, smollm2_path
+    from deita_ray.bundled_models import minilm_path, smollm2_path
 
     model = model or str(smollm2_path())
     embed_model = embed_model or str(minilm_path())

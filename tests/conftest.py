@@ -24,7 +24,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LLaMA (2 layers, hidden 64, float32, seed 0) with a LLaMA-style tokenizer."""
-    from deita_ray.models import build_tiny_llama
+    from deita_ray.testing.tiny_llama import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), seed=0)
 
@@ -32,7 +32,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second tiny LLaMA (seed 1): same tokenizer, different weights, e.g. as the quality scorer."""
-    from deita_ray.models import build_tiny_llama
+    from deita_ray.testing.tiny_llama import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama_b"), seed=1)
 
@@ -40,6 +40,6 @@ def tiny_llama_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct as a bfloat16 safetensors directory (converted once, ~1 min, then cached)."""
-    from deita_ray.models import smollm2_path
+    from deita_ray.bundled_models import smollm2_path
 
     return smollm2_path()

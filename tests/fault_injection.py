@@ -1,13 +1,23 @@
 """Fault-injection helpers: a local multi-node Ray cluster, runs in the background, failures injected
-mid-stream, and the exactly-once check of an output against its input files.
+at a known point of a run, and the exactly-once check of an output against its input files.
+
+Failures do not race the clock: the process to hit is stopped at a known point first. The run's config
+sets DEITA_RAY_TEST_PAUSE (deita_ray/runtime/faults.py; `pause_env`) through `resources.actor_env`
+for a model actor, or in the environment of a driver subprocess for the selection scan, so that the
+first process about to start its k-th unit (or chunk) blocks there until it is killed. The test waits
+for that pause and for the k units finished before it to be marked (`wait_for_pause`), checks that the
+fault now lands mid-run (`assert_fault_lands_before`), then injects it: kills the paused process, its
+node, or the driver. A restarted actor passes the same point (the pause happens once per directory).
 
 Stage-agnostic on purpose (they look at an output directory's `_done/` markers and shards, not at the
 scoring code), so the same helpers drive `deita-ray score` today and the whole pipeline later:
 
     with local_cluster(workers={"scorer": {"num_cpus": 1, "resources": {"scorer_node": 1}}}) as cluster:
+        config["resources"]["actor_env"] = pause_env("score", 2, tmp_path / "pause")
         run = BackgroundRun(deita_ray.score, config)            # or CliRun([...,"--ray-address", ...])
-        wait_for_markers(output, 2, run.finished)
-        kill_actor_of_marker(output)                             # or cluster.replace_node("scorer")
+        paused = wait_for_pause(tmp_path / "pause", run.finished, output, 2)
+        assert_fault_lands_before(output, paused, total_units)
+        kill_paused(paused)                                      # or cluster.replace_node("scorer")
         run.result()
         assert_same_output(output, reference)                    # tests/test_resume_and_cluster.py
         assert_every_row_once(output, pool_dir)
@@ -36,6 +46,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from test_resume_and_cluster import RUN_FIELDS, _markers, _shards, _visible
+
+from deita_ray.runtime import faults
 
 # GCS declares a lost node dead after period × threshold without a health check (Ray's defaults,
 # 3 s × 5, would add ~15 s to every node-loss test). 1 s × 5 stays clear of false alarms on a loaded
@@ -154,18 +166,70 @@ def wait_for_markers(output: Path, count: int, finished: Callable[[], bool], tim
         time.sleep(0.02)
 
 
-# --- failures ---------------------------------------------------------------------------------------------
+# --- pauses -----------------------------------------------------------------------------------------------
 
 
-def kill_actor_of_marker(output: Path, pid_field: str = "scorer_pid") -> int:
-    """SIGKILL the actor process that ran a finished unit (its pid is in the unit's marker, under
-    PID_FIELD, e.g. embedder_pid for `deita-ray embed`): the crash of a model actor (OOM kill,
-    segfault). Returns the pid. Local clusters only (same machine)."""
-    pids = {m[pid_field] for m in _markers(output).values()}
-    assert len(pids) == 1, f"expected one actor so far, got {pids}"
-    pid = pids.pop()
+def pause_env(stage: str, index: int, directory: Path) -> dict[str, str]:
+    """Environment that stops the first process about to start its INDEX-th (0-based) unit of STAGE
+    ("score", "embed", "select") until it is killed; it reports in DIRECTORY (created here)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return {faults.ENV: f"{stage}:{index}:{directory}"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X")
+
+
+def wait_for_pause(directory: Path, finished: Callable[[], bool], output: Path | None = None,
+                   units: int = 0, timeout: float = 240) -> dict[str, Any]:
+    """Block until a process is paused (its `paused-*.json` in DIRECTORY) and, with OUTPUT, until the
+    UNITS units it finished before are marked complete there (their writes go on while it waits; no
+    other unit can finish meanwhile with a single model actor). Returns the pause record: pid, node,
+    stage, index, finished, unit. Fails if the run ends first."""
+    deadline = time.monotonic() + timeout
+    while not (found := sorted(directory.glob("paused-*.json"))):
+        if finished():
+            pytest.fail(f"the run ended before a process paused in {directory}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no process paused in {directory} within {timeout}s")
+        time.sleep(0.05)
+    assert len(found) == 1, f"more than one pause: {found}"
+    paused = json.loads(found[0].read_text())
+    assert _alive(paused["pid"]), f"the paused process {paused} is gone"
+    if output is not None:
+        wait_for_markers(output, units, finished, max(1.0, deadline - time.monotonic()))
+    return paused
+
+
+def assert_fault_lands_before(output: Path, paused: dict[str, Any], total: int,
+                              pid_field: str | None = "scorer_pid") -> dict[str, dict]:
+    """Call right before injecting the fault: the paused process is still paused (alive, its unit
+    unfinished), the unit it was about to start has no completion marker, and fewer than TOTAL units
+    do; with PID_FIELD, exactly the units it finished before the pause carry its pid. Returns the
+    markers present now."""
+    assert _alive(paused["pid"]), f"the paused process {paused} is gone before the fault"
+    markers = _markers(output)
+    assert paused["unit"] not in markers, f"unit {paused['unit']} finished although its process was paused"
+    assert len(markers) < total, f"all {total} units were complete before the fault"
+    if pid_field is not None:
+        mine = [u for u, m in markers.items() if m[pid_field] == paused["pid"]]
+        assert len(mine) == paused["finished"] == paused["index"], (mine, paused)
+    return markers
+
+
+def kill_paused(paused: dict[str, Any]) -> int:
+    """SIGKILL the paused process (a model actor's: the crash of an actor, OOM kill or segfault, at a
+    known point). Returns its pid. Local clusters only (same machine)."""
+    pid = paused["pid"]
     os.kill(pid, signal.SIGKILL)
     return pid
+
+
+# --- failures ---------------------------------------------------------------------------------------------
 
 
 class OpenCounter:

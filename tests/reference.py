@@ -6,14 +6,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 
-from deita_ray.demo import demo_pool_dir
-from deita_ray.records import normalize_row
 from deita_ray.scoring.prompts import COMPLEXITY_TEMPLATE, QUALITY_TEMPLATE
+from deita_ray.testing.pools import mixed_pool  # noqa: F401 (re-exported for the tests)
 
 
 def digit_ids(tokenizer) -> list[int]:
@@ -48,24 +45,4 @@ def reference_sample_scores(complexity, quality, conversations) -> tuple[list[fl
     pairs = [(body[i], body[i + 1] if i + 1 < len(body) else "") for i in range(0, len(body), 2)]
     c = [reference_score(*complexity, COMPLEXITY_TEMPLATE.format(instruction=q)) for q, _ in pairs]
     s = [reference_score(*quality, QUALITY_TEMPLATE.format(instruction=q, output=a)) for q, a in pairs]
-    return c, s, float(sum(x * y for x, y in zip(c, s)))
-
-
-def mixed_pool(tmp_path, n_alpaca: int, n_sharegpt: int, n_messages: int, max_chars: int = 700):
-    """A small mixed pool (Alpaca JSON, ShareGPT multi-turn JSON, messages JSONL) from the bundled data."""
-    pool = demo_pool_dir()
-    # Short samples: the tiny models' context must hold them untruncated (the reference method has
-    # no truncation; truncation has its own tests).
-    alpaca = [r for r in json.loads((pool / "alpaca_160.json").read_text())
-              if len(r["instruction"] + r["input"] + r["output"]) < max_chars][:n_alpaca]
-    sharegpt = [r for r in json.loads((pool / "sharegpt_100.json").read_text())
-                if len(r["conversations"]) >= 4][:n_sharegpt]
-    messages = (pool / "messages_60.jsonl").read_text().splitlines()[:n_messages]
-    directory = tmp_path / "pool"
-    directory.mkdir()
-    (directory / "alpaca.json").write_text(json.dumps(alpaca))
-    (directory / "sharegpt.json").write_text(json.dumps(sharegpt))
-    (directory / "messages.jsonl").write_text("\n".join(messages) + "\n")
-    records = [normalize_row(r, "alpaca") for r in alpaca] + [normalize_row(r, "sharegpt") for r in sharegpt]
-    records += [normalize_row(json.loads(line), "messages") for line in messages]
-    return directory, records
+    return c, s, float(sum(x * y for x, y in zip(c, s, strict=True)))

@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 import yaml
 from autoscaling_cluster import LocalAutoscalingCluster, NodeWatcher
+from fault_injection import pause_env, wait_for_pause
 from reference import load_reference, mixed_pool, reference_sample_scores
 
 from deita_ray import io
-from deita_ray.records import normalize_row
+from deita_ray.ingest.records import normalize_row
 
 pytestmark = pytest.mark.integration
 
@@ -66,14 +67,16 @@ def test_pending_scorer_pool_adds_a_node_that_leaves_when_idle(tiny_llama, tmp_p
     assert custom, f"{SCORER_NODE_TYPE} in cluster/aws.yaml declares no custom resource to target it"
     resource = sorted(custom)[0]
     directory, records = _pool(tmp_path)
-    output = tmp_path / "out"
+    output, pause = tmp_path / "out", tmp_path / "pause"
     config = tmp_path / "score.yaml"
     config.write_text(yaml.safe_dump({
         "input": [str(directory)], "output": str(output), "complexity_model": str(tiny_llama),
         "quality_model": str(tiny_llama), "backend": {"type": "transformers", "torch_threads": 1},
         "batch_size": 4, "rows_per_shard": 100,
         "resources": {"actor_num_cpus": 1, "actor_resources": {resource: 1}, "min_actors": 1, "max_actors": 1,
-                      "task_num_cpus": 0.25},
+                      "task_num_cpus": 0.25,
+                      # The actor holds its first unit until the test has seen its node up (mid-run).
+                      "actor_env": pause_env("score", 0, pause)},
     }))
     worker_types = {SCORER_NODE_TYPE: {
         "resources": {"CPU": 1, **custom, "object_store_memory": 100 * 2**20},
@@ -91,14 +94,25 @@ def test_pending_scorer_pool_adds_a_node_that_leaves_when_idle(tiny_llama, tmp_p
         timeline["head up"] = first["t"]
 
         timeline["driver start"] = time.time()
-        driver = subprocess.run([str(DEITA_RAY), "score", "--config", str(config),
-                                 "--ray-address", cluster.gcs_address],
-                                env=cluster.env(), capture_output=True, text=True, timeout=480)
+        log = tmp_path / "driver.log"
+        with log.open("w") as out:
+            driver = subprocess.Popen([str(DEITA_RAY), "score", "--config", str(config),
+                                       "--ray-address", cluster.gcs_address],
+                                      env=cluster.env(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            # While the scorer actor is paused before its first unit, the run is known to be going on.
+            paused = wait_for_pause(pause, lambda: driver.poll() is not None, timeout=300)
+            up = watcher.wait_for(lambda s: _scorer_nodes(s, resource), 60, f"a node with {resource}")
+            (scorer_node,) = _scorer_nodes(up, resource)
+            assert paused["node"] == scorer_node, f"scorer actor on {paused['node']}, not on {scorer_node}"
+            assert driver.poll() is None, "the driver exited while its scorer actor was paused"
+            (pause / "release").touch()
+            code = driver.wait(480)
+        finally:
+            driver.kill()
+            driver.wait(30)
         timeline["driver exit"] = time.time()
-        assert driver.returncode == 0, f"deita-ray score failed:\n{driver.stdout}\n{driver.stderr[-5000:]}"
-
-        up = watcher.wait_for(lambda s: _scorer_nodes(s, resource), 0, f"a node with {resource}")
-        (scorer_node,) = _scorer_nodes(up, resource)
+        assert code == 0, f"deita-ray score failed:\n{log.read_text()[-5000:]}"
         timeline["scorer node up"] = up["t"]
         gone = watcher.wait_for(lambda s: s["t"] > up["t"] and scorer_node not in _alive(s),
                                 IDLE_TIMEOUT_MINUTES * 60 + 120, "the idle scorer node removed")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from deita_ray.config import OpenAIBackendConfig, VLLMBackendConfig
+from deita_ray.scoring.config import OpenAIBackendConfig, VLLMBackendConfig
 from deita_ray.scoring.prompts import complexity_prompt, derive_digit_tokens, expected_score, quality_prompt
 
 MAX_MODEL_LEN = 256
@@ -214,7 +214,7 @@ def test_vllm_backend_matches_transformers(
     finally:
         backend.teardown()
     assert isinstance(values[-1], str) and "max_model_len" in values[-1]
-    for got, want in zip(values[:-1], reference_scores):
+    for got, want in zip(values[:-1], reference_scores, strict=True):
         assert not isinstance(got, str), got
         # processed_logprobs: log-softmax over the six digits only, so they sum to probability 1.
         assert abs(_logsumexp(got)) < 1e-4
@@ -243,7 +243,7 @@ def _openai_backend(model_dir, tokenizer, digits, base_url, **config):
 def test_openai_backend_against_vllm_server(
     vllm_server, model_dir, tokenizer, digits, prompt_ids, reference_scores, monkeypatch, capfd, caplog
 ):
-    from deita_ray.scoring.backends.openai_endpoint import EndpointError
+    from deita_ray.engines.openai_client import EndpointError
 
     vllm_server.wait_healthy()
     monkeypatch.setenv(API_KEY_ENV, API_KEY)
@@ -251,12 +251,12 @@ def test_openai_backend_against_vllm_server(
     backend = _openai_backend(model_dir, tokenizer, digits, vllm_server.base_url, max_concurrency=2)
     # 8 prompts in requests of 3 (3+3+2), two in flight: every choice must land on its own prompt.
     values = backend.digit_values(prompt_ids)
-    for got, want in zip(values, reference_scores):
+    for got, want in zip(values, reference_scores, strict=True):
         assert not isinstance(got, str), got
         assert abs(_logsumexp(got)) < 1e-4  # the server's processed log-probs: six digits only
         assert abs(expected_score(got) - want) <= 1e-4
     reversed_values = backend.digit_values(prompt_ids[::-1])
-    for got, want in zip(reversed_values, values[::-1]):
+    for got, want in zip(reversed_values, values[::-1], strict=True):
         assert got == pytest.approx(want, abs=1e-5)
 
     # The server flag alone (no logprob_token_ids): the top-k are exactly the six digits.
@@ -392,10 +392,10 @@ def _fake_backend(endpoint, digits, **config):
 
 
 def test_openai_backend_retries_maps_choices_and_rejects_missing_digits(monkeypatch, caplog):
-    from deita_ray.scoring.backends import openai_endpoint
+    from deita_ray.engines import openai_client
     from deita_ray.scoring.prompts import DigitTokens
 
-    monkeypatch.setattr(openai_endpoint, "BACKOFF_BASE_S", 0.01)
+    monkeypatch.setattr(openai_client, "BACKOFF_BASE_S", 0.01)
     monkeypatch.setenv(API_KEY_ENV, API_KEY)
     digits = DigitTokens((10, 11, 12, 13, 14, 15))
     endpoint = _FakeEndpoint(
@@ -427,19 +427,19 @@ def test_openai_backend_retries_maps_choices_and_rejects_missing_digits(monkeypa
 
 
 def test_openai_backend_gives_up_after_max_retries_and_never_retries_4xx(monkeypatch):
-    from deita_ray.scoring.backends import openai_endpoint
+    from deita_ray.engines import openai_client
     from deita_ray.scoring.prompts import DigitTokens
 
-    monkeypatch.setattr(openai_endpoint, "BACKOFF_BASE_S", 0.01)
+    monkeypatch.setattr(openai_client, "BACKOFF_BASE_S", 0.01)
     monkeypatch.delenv(API_KEY_ENV, raising=False)  # no key: "EMPTY" is sent
     digits = DigitTokens((10, 11, 12, 13, 14, 15))
     endpoint = _FakeEndpoint([(500, {"error": "boom"})] * 3 + [(400, {"error": {"message": "bad logprobs"}})])
     try:
         backend = _fake_backend(endpoint, digits, max_retries=2)
-        with pytest.raises(openai_endpoint.EndpointError, match="failed after 2 retries: HTTP 500"):
+        with pytest.raises(openai_client.EndpointError, match="failed after 2 retries: HTTP 500"):
             backend.digit_values([[1, 2]])
         assert len(endpoint.requests) == 3
-        with pytest.raises(openai_endpoint.EndpointError, match="not retried: HTTP 400.*bad logprobs"):
+        with pytest.raises(openai_client.EndpointError, match="not retried: HTTP 400.*bad logprobs"):
             backend.digit_values([[1, 2]])
         assert len(endpoint.requests) == 4
     finally:

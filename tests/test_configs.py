@@ -11,7 +11,11 @@ import yaml
 from pydantic import ValidationError
 
 from deita_ray.cli import main
-from deita_ray.config import EmbedConfig, RunConfig, ScoreConfig, SelectConfig, expand_env, load_yaml
+from deita_ray.config import expand_env, load_yaml
+from deita_ray.embedding.config import EmbedConfig
+from deita_ray.pipeline import RunConfig
+from deita_ray.scoring.config import ScoreConfig
+from deita_ray.selection.config import SelectConfig
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 # jobs/<prefix>*.yaml → the config class it holds and the command its header submits.
@@ -58,7 +62,7 @@ def test_shipped_job_configs_validate(path, tmp_path, monkeypatch):
         monkeypatch.setenv(name, str(tmp_path / name))
     config = config_class.model_validate(load_yaml(path))
     if isinstance(config, RunConfig):
-        score, embed, select = config.stage_configs()
+        score, embed, select = config.stage_configs().values()
         assert score.input == config.input and embed.input == [f"{config.output}/score"]
         assert select.scores == [f"{config.output}/score"] and select.embeddings == [f"{config.output}/embed"]
     submits = [c for c in header_commands(path) if c.startswith("ray job submit")]
@@ -81,14 +85,14 @@ def test_pipeline_local_cpu_takes_its_models_from_the_environment(tmp_path, monk
         RunConfig.model_validate(load_yaml(path))
     monkeypatch.setenv("DEITA_SCORER_MODEL", str(tmp_path))
     config = RunConfig.model_validate(load_yaml(path))
-    score, embed, _ = config.stage_configs()
+    score, embed, _ = config.stage_configs().values()
     assert score.complexity_model == score.quality_model == embed.model == str(tmp_path)
     assert config.input == ["deita_ray/data/demo_pool"] and config.ray_address is None
 
 
 def test_pipeline_gpu_is_the_papers_setup():
     config = RunConfig.model_validate(load_yaml(JOBS / "pipeline_gpu.yaml"))
-    score, embed, select = config.stage_configs()
+    score, embed, select = config.stage_configs().values()
     assert (score.complexity_model, score.quality_model) == ("hkust-nlp/deita-complexity-scorer",
                                                              "hkust-nlp/deita-quality-scorer")
     assert score.backend.type == "vllm" and score.resources.actor_num_gpus == 1

@@ -30,7 +30,7 @@ import deita_ray
 from deita_ray import cli
 from deita_ray.embedding.pipeline import RUN_FIELDS
 from deita_ray.embedding.render import render_conversation
-from deita_ray.shards import ConfigMismatchError
+from deita_ray.runtime.markers import ConfigMismatchError
 
 pytestmark = pytest.mark.integration
 
@@ -160,7 +160,7 @@ def test_scored_dir_causal_lm_equals_reference(ray_local, lm_run, scored_dir, mo
 def test_raw_pool_sentence_transformers(ray_local, pool_dir, scored_dir, tmp_path):  # noqa: F811
     from sentence_transformers import SentenceTransformer
 
-    from deita_ray.models import minilm_path
+    from deita_ray.bundled_models import minilm_path
 
     output = tmp_path / "embed_st"
     summary = deita_ray.embed(input=[str(pool_dir)], output=str(output), model=str(minilm_path()),

@@ -14,7 +14,7 @@ import pytest
 from embed_reference import CONVERSATIONS, load_causal_lm, reference_embedding, unit
 from ray_cluster import ray_local  # noqa: F401
 
-from deita_ray.config import VLLMEmbedderConfig
+from deita_ray.embedding.config import VLLMEmbedderConfig
 from deita_ray.embedding.embedders import make_embedder
 from deita_ray.embedding.render import render_conversation
 
@@ -54,7 +54,7 @@ def test_vllm_embedder_through_pipeline(ray_local, tiny_llama, tmp_path):  # noq
 
     import deita_ray
     from deita_ray.demo import demo_pool_dir
-    from deita_ray.records import normalize_row
+    from deita_ray.ingest.records import normalize_row
 
     lines = (demo_pool_dir() / "messages_60.jsonl").read_text().splitlines()[:24]
     (tmp_path / "pool.jsonl").write_text("\n".join(lines) + "\n")

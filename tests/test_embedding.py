@@ -13,15 +13,12 @@ from embed_reference import CONVERSATIONS, load_causal_lm, reference_embedding
 from pydantic import ValidationError
 
 from deita_ray import cli
-from deita_ray.batching import length_batches
-from deita_ray.config import (
-    CausalLMEmbedderConfig,
-    EmbedConfig,
-    SentenceTransformersEmbedderConfig,
-    load_yaml,
-)
+from deita_ray.config import load_yaml
+from deita_ray.embedding.config import CausalLMEmbedderConfig, EmbedConfig, SentenceTransformersEmbedderConfig
 from deita_ray.embedding.embedders import make_embedder
 from deita_ray.embedding.render import RenderError, render_conversation
+from deita_ray.engines.batching import length_batches
+from deita_ray.runtime.stage import get_stage
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 VICUNA = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
@@ -134,7 +131,7 @@ def test_causal_lm_without_pad_token_pads_with_eos(tiny_llama, reference_lm, tmp
 
 @pytest.fixture(scope="module")
 def minilm():
-    from deita_ray.models import minilm_path
+    from deita_ray.bundled_models import minilm_path
 
     return str(minilm_path())
 
@@ -197,8 +194,12 @@ def test_fingerprint_tracks_result_fields_only():
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    cli._embed_parser(parser.add_subparsers(dest="command"))
+    cli.add_stage_parser(parser.add_subparsers(dest="command"), get_stage("embed"))
     return parser.parse_args(["embed", *argv])
+
+
+def _config(argv: list[str]) -> EmbedConfig:
+    return cli.config_from_args(get_stage("embed"), _parse(argv))
 
 
 def test_cli_flags_equal_yaml_and_override_it(tmp_path):
@@ -209,14 +210,14 @@ def test_cli_flags_equal_yaml_and_override_it(tmp_path):
         "batch_size: 8\nembedding_dtype: float16\n"
         "resources: {actor_num_cpus: 2, min_actors: 1, max_actors: 3}\n"
     )
-    from_yaml = cli.embed_config_from_args(_parse(["--config", str(yaml_path)]))
-    from_flags = cli.embed_config_from_args(_parse([
+    from_yaml = _config(["--config", str(yaml_path)])
+    from_flags = _config([
         "--input", "pool/", "--output", "out/", "--model", "m", "--kind", "sentence-transformers",
         "--max-length", "128", "--only-answer", "--batch-size", "8", "--embedding-dtype", "float16",
-        "--num-cpus", "2", "--min-actors", "1", "--max-actors", "3"]))
+        "--num-cpus", "2", "--min-actors", "1", "--max-actors", "3"])
     assert from_flags == from_yaml
-    overridden = cli.embed_config_from_args(_parse(["--config", str(yaml_path), "--kind", "causal-lm",
-                                                    "--template", "plain", "--num-actors", "2"]))
+    overridden = _config(["--config", str(yaml_path), "--kind", "causal-lm", "--template", "plain",
+                          "--num-actors", "2"])
     # Another kind drops the YAML's embedder options; flags win over the file.
     assert overridden.embedder == CausalLMEmbedderConfig(template="plain")
     assert overridden.resources.min_actors == overridden.resources.max_actors == 2
@@ -295,7 +296,7 @@ def _read(config: EmbedConfig, unit) -> tuple[list[dict], list[dict], dict]:
 def test_read_stage_renders_and_rejects_raw_rows(tmp_path):
     import json
 
-    from deita_ray.plan import Unit, plan_file
+    from deita_ray.ingest.plan import Unit, plan_file
 
     rows = [{"id": "a", "messages": CONVERSATIONS[0]}, {"id": "b", "messages": CONVERSATIONS[4][:1]},
             {"id": "c", "messages": [{"role": "tool", "content": "x"}]}]
@@ -320,7 +321,7 @@ def test_read_stage_checks_scored_rows(tmp_path):
     import pyarrow.parquet as pq
 
     from deita_ray.embedding.pipeline import SCORED_KIND
-    from deita_ray.plan import Unit
+    from deita_ray.ingest.plan import Unit
     from deita_ray.scoring.pipeline import CONVERSATION_TYPE
 
     conversations = [CONVERSATIONS[2], CONVERSATIONS[0], [{"role": "narrator", "content": "x"}],

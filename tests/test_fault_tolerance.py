@@ -2,24 +2,29 @@
 
 Head node (1 CPU: this process is the driver, plus read/write tasks) and one worker node that alone
 has the `scorer_node` resource the scorer actor asks for, so the actor's node is known. Failures are
-injected while the run streams (after 2 of 12 units are marked complete):
+injected at a known point, not after a wall-clock delay or a count of markers that could lag behind
+the actor: the scorer actor is paused before its unit PAUSE_AT (of 12), the units it finished are
+marked, and only then the fault is injected (tests/fault_injection.py):
 
-* the scorer actor's process is SIGKILLed: the actor restarts, the run completes;
+* the paused scorer actor's process is SIGKILLed: the actor restarts, the run completes;
 * the same with a zero retry budget: the run fails with the actor's death (retries are bounded), the
   units it finished being correct;
-* the worker node hosting the actor is killed and a replacement node added: the actor restarts there;
+* the worker node hosting the paused actor is killed and a replacement node added: the actor restarts
+  there;
 * an input file changed after planning (a data error): the read fails once, it is not retried.
 
-Each completed run must equal an undisturbed run of the same pool (ids, scores, rejects, markers,
-summary counts), and every input row must be in exactly one output row (or a counted blank line).
+Each test first checks that its fault lands mid-run (the paused unit unfinished, fewer than 12 units
+complete). Each completed run must equal an undisturbed run of the same pool (ids, scores, rejects,
+markers, summary counts), and every input row must be in exactly one output row (or a counted blank
+line).
 
 Scorer: the synthetic backend (scores are a hash of the prompt token ids; see
-deita_ray/scoring/backends/synthetic.py) with a simulated 5 ms per prompt. Its scores are exactly
-reproducible whichever actor, node or retry produced them, so "equal to the undisturbed run" is an exact
-comparison that isolates what is tested here (lost or duplicated rows, recovery), and the simulated
-model time keeps a run streaming long enough to be hit mid-way. Exactness of real model scores across
-actors, nodes and resumed runs is covered with the tiny LLaMA in test_resume_and_cluster.py; the
-tokenizer here is the tiny LLaMA's.
+deita_ray/scoring/backends/synthetic.py), with no simulated model time: the pause, not a slow scorer,
+holds the run where the fault is injected. Its scores are exactly reproducible whichever actor, node or
+retry produced them, so "equal to the undisturbed run" is an exact comparison that isolates what is
+tested here (lost or duplicated rows, recovery). Exactness of real model scores across actors, nodes
+and resumed runs is covered with the tiny LLaMA in test_resume_and_cluster.py; the tokenizer here is
+the tiny LLaMA's.
 """
 
 from __future__ import annotations
@@ -34,16 +39,17 @@ from fault_injection import (
     BackgroundRun,
     OpenCounter,
     assert_every_row_once,
+    assert_fault_lands_before,
     assert_finished_units_match,
-    kill_actor_of_marker,
+    kill_paused,
     local_cluster,
-    wait_for_markers,
+    pause_env,
+    wait_for_pause,
 )
 from test_resume_and_cluster import (  # noqa: F401
     N_UNITS,
     CliRun,
     _config,
-    _kill_after,
     _marker_mtimes,
     _markers,
     assert_same_output,
@@ -51,14 +57,14 @@ from test_resume_and_cluster import (  # noqa: F401
 )
 
 import deita_ray
-from deita_ray.plan import iter_source_rows
+from deita_ray.ingest.plan import iter_source_rows
 from deita_ray.scoring.pipeline import plan_units
 
 pytestmark = pytest.mark.integration
 
-SYNTHETIC = {"type": "synthetic", "seconds_per_prompt": 0.005}
+SYNTHETIC = {"type": "synthetic"}
 SCORER_NODE = {"num_cpus": 1, "resources": {"scorer_node": 1}}
-KILL_AFTER_UNITS = 2
+PAUSE_AT = 2  # the scorer actor stops before its third unit, two being complete
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +73,13 @@ def cluster():
         yield local
 
 
-def _fault_config(pool: Path, model: Path, output: Path, address: str, retries: int = 3) -> dict:
+def _fault_config(pool: Path, model: Path, output: Path, address: str, retries: int = 3,
+                  pause: Path | None = None) -> dict:
+    """One scorer actor on the scorer node; with PAUSE (a directory) it stops before unit PAUSE_AT."""
     return _config(pool, str(model), output, backend=SYNTHETIC, ray_address=address,
                    resources={"actor_num_cpus": 0.5, "actor_resources": {"scorer_node": 1},
-                              "min_actors": 1, "max_actors": 1, "max_task_retries": retries})
+                              "min_actors": 1, "max_actors": 1, "max_task_retries": retries,
+                              "actor_env": pause_env("score", PAUSE_AT, pause) if pause else {}})
 
 
 @pytest.fixture(scope="module")
@@ -84,15 +93,19 @@ def undisturbed(cluster, pool_dir, tiny_llama, tmp_path_factory) -> Path:  # noq
 
 
 def test_scorer_actor_killed_mid_stream(cluster, pool_dir, tiny_llama, undisturbed, tmp_path):  # noqa: F811
-    output = tmp_path / "out"
-    run = BackgroundRun(deita_ray.score, _fault_config(pool_dir, tiny_llama, output, cluster.address))
-    marked = wait_for_markers(output, KILL_AFTER_UNITS, run.finished)
-    killed = kill_actor_of_marker(output)
+    output, pause = tmp_path / "out", tmp_path / "pause"
+    run = BackgroundRun(deita_ray.score, _fault_config(pool_dir, tiny_llama, output, cluster.address,
+                                                       pause=pause))
+    paused = wait_for_pause(pause, run.finished, output, PAUSE_AT)
+    marked = assert_fault_lands_before(output, paused, N_UNITS)
+    killed = kill_paused(paused)
     summary = run.result()
 
-    assert marked < N_UNITS and summary["units_this_run"] == N_UNITS
-    pids = {m["scorer_pid"] for m in _markers(output).values()}
+    assert len(marked) == PAUSE_AT and summary["units_this_run"] == N_UNITS
+    markers = _markers(output)
+    pids = {m["scorer_pid"] for m in markers.values()}
     assert killed in pids and len(pids) == 2, f"expected units scored before and after the restart: {pids}"
+    assert markers[paused["unit"]]["scorer_pid"] != killed, "the paused unit was scored by the restart"
     assert_same_output(output, undisturbed)
     assert_every_row_once(output, pool_dir)
 
@@ -102,28 +115,35 @@ def test_actor_death_beyond_the_retry_budget_fails_the_run(
     """max_task_retries: 0 → the killed actor is not restarted and the run fails with its death instead of
     hanging or dropping units; the units it finished are complete and correct (a re-run redoes only the
     others, as after a killed driver: test_resume_and_cluster.py)."""
-    output = tmp_path / "out"
-    config = _fault_config(pool_dir, tiny_llama, output, cluster.address, retries=0)
+    output, pause = tmp_path / "out", tmp_path / "pause"
+    config = _fault_config(pool_dir, tiny_llama, output, cluster.address, retries=0, pause=pause)
     run = BackgroundRun(deita_ray.score, config)
-    wait_for_markers(output, KILL_AFTER_UNITS, run.finished)
-    kill_actor_of_marker(output)
+    paused = wait_for_pause(pause, run.finished, output, PAUSE_AT)
+    assert_fault_lands_before(output, paused, N_UNITS)
+    kill_paused(paused)
     error = run.error()
     assert isinstance(error, ray.exceptions.ActorDiedError), repr(error)
     finished = assert_finished_units_match(output, undisturbed)
-    assert KILL_AFTER_UNITS <= len(finished) < N_UNITS and not (output / "summary.json").exists()
+    assert len(finished) == PAUSE_AT and paused["unit"] not in finished
+    assert not (output / "summary.json").exists()
 
 
 def test_scorer_node_lost_mid_run(cluster, pool_dir, tiny_llama, undisturbed, tmp_path):  # noqa: F811
     """The worker node with the actor dies (raylet, object store, workers); a replacement node joins."""
-    output = tmp_path / "out"
-    run = BackgroundRun(deita_ray.score, _fault_config(pool_dir, tiny_llama, output, cluster.address))
-    marked = wait_for_markers(output, KILL_AFTER_UNITS, run.finished)
+    output, pause = tmp_path / "out", tmp_path / "pause"
+    run = BackgroundRun(deita_ray.score, _fault_config(pool_dir, tiny_llama, output, cluster.address,
+                                                       pause=pause))
+    paused = wait_for_pause(pause, run.finished, output, PAUSE_AT)
+    assert paused["node"] == cluster.node_id("scorer")
+    marked = assert_fault_lands_before(output, paused, N_UNITS)
     old_node, new_node = cluster.replace_node("scorer")
     summary = run.result()
 
-    assert marked < N_UNITS and summary["units_this_run"] == N_UNITS
-    nodes = {m["scorer_node"] for m in _markers(output).values()}
+    assert len(marked) == PAUSE_AT and summary["units_this_run"] == N_UNITS
+    markers = _markers(output)
+    nodes = {m["scorer_node"] for m in markers.values()}
     assert nodes == {old_node, new_node}, f"scorer nodes {nodes}; lost {old_node}, replacement {new_node}"
+    assert markers[paused["unit"]]["scorer_node"] == new_node
     assert_same_output(output, undisturbed)
     assert_every_row_once(output, pool_dir)
 
@@ -178,26 +198,26 @@ def test_input_changed_after_planning_fails_once_without_retries(
 @pytest.mark.slow
 def test_driver_killed_then_rerun_on_the_cluster(
         cluster, pool_dir, tiny_llama, undisturbed, tmp_path):  # noqa: F811
-    """The driver (`deita-ray score --ray-address ...` in a subprocess) is SIGKILLed mid-run while the
-    cluster lives on (Ray then kills the job's actors and tasks); the re-run redoes only the unmarked
-    units. Slow: a second interpreter and Ray job; the local single-node case runs by default in
-    test_resume_and_cluster.py."""
-    output = tmp_path / "out"
-    config = _fault_config(pool_dir, tiny_llama, output, cluster.address)
+    """The driver (`deita-ray score --ray-address ...` in a subprocess) is SIGKILLed while the scorer
+    actor is paused mid-run, the cluster living on (Ray then kills the job's actors and tasks); the
+    re-run redoes only the unmarked units. Slow: a second interpreter and Ray job; the local
+    single-node case runs by default in test_resume_and_cluster.py."""
+    output, pause = tmp_path / "out", tmp_path / "pause"
+    config = _fault_config(pool_dir, tiny_llama, output, cluster.address, pause=pause)
     config_path = tmp_path / "score.yaml"
     config_path.write_text(json.dumps(config))  # JSON is YAML
     run = CliRun(["--config", str(config_path)])
     try:
-        watcher, outcome = _kill_after(run, output / "_done", units=KILL_AFTER_UNITS, timeout=300)
-        watcher.join()
+        paused = wait_for_pause(pause, lambda: run.proc.poll() is not None, output, PAUSE_AT, timeout=300)
+        marked = assert_fault_lands_before(output, paused, N_UNITS)
+        assert run.proc.poll() is None, "the driver exited while its actor was paused"
     finally:
         run.kill()
         run.cleanup()
-    assert outcome.get("killed"), f"driver not killed mid-run ({outcome}):\n{run.output_text[-3000:]}"
     finished = _marker_mtimes(output)
-    assert KILL_AFTER_UNITS <= len(finished) < N_UNITS
+    assert set(finished) == set(marked) and len(finished) == PAUSE_AT < N_UNITS
 
-    summary = deita_ray.score(config)
+    summary = deita_ray.score(config)  # the pause directory is spent: the re-run does not stop
     assert summary["units_this_run"] == N_UNITS - len(finished)
     mtimes = _marker_mtimes(output)
     assert {u: mtimes[u] for u in finished} == finished, "finished units were redone"

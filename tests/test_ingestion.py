@@ -16,14 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from deita_ray import io
-from deita_ray.plan import (
+from deita_ray.ingest.plan import (
     Unit,
     attach_duplicates,
     find_duplicates,
     iter_source_rows,
     plan_file,
 )
-from deita_ray.records import id_hash
+from deita_ray.ingest.records import id_hash
 
 
 def alpaca(i: int, **extra) -> dict:

@@ -30,7 +30,7 @@ from autoscaling_cluster import LocalRayHead
 from select_reference import plain_greedy, rank_order, unit_rows
 
 from deita_ray import io
-from deita_ray.records import Reject, detect_file_format, normalize_row
+from deita_ray.ingest.records import Reject, detect_file_format, normalize_row
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +112,7 @@ def _reference_selection(run: Path, threshold: float) -> list[str]:
 
 
 def test_ray_job_submit_runs_the_pipeline(tiny_llama, tmp_path):
-    from deita_ray.models import minilm_path
+    from deita_ray.bundled_models import minilm_path
 
     ids, rejects = _pool(tmp_path / "pool")
     assert rejects, "the subset should show the rejects path"

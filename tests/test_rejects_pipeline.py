@@ -22,7 +22,7 @@ from ray_cluster import ray_local, start_local_ray  # noqa: F401
 
 import deita_ray
 from deita_ray import io
-from deita_ray.records import content_id, normalize_row
+from deita_ray.ingest.records import content_id, normalize_row
 
 pytestmark = pytest.mark.integration
 
@@ -151,7 +151,7 @@ def build_pool(root: Path) -> tuple[Path, dict[tuple[str, int], str], dict[tuple
 
 @pytest.fixture(scope="module")
 def scorer_model(tiny_llama) -> str:
-    """The session's tiny random LLaMA (tests/conftest.py, deita_ray.models.build_tiny_llama)."""
+    """The session's tiny random LLaMA (tests/conftest.py, deita_ray.testing.tiny_llama.build_tiny_llama)."""
     return str(tiny_llama)
 
 
@@ -305,7 +305,7 @@ def check_scored(scored: list[dict], pool) -> None:
         assert len(row["complexity_scores"]) == len(row["quality_scores"]) == users >= 1
         assert all(1.0 <= s <= 6.0 for s in row["complexity_scores"] + row["quality_scores"])
         assert row["evol_score"] == pytest.approx(
-            sum(c * q for c, q in zip(row["complexity_scores"], row["quality_scores"])))
+            sum(c * q for c, q in zip(row["complexity_scores"], row["quality_scores"], strict=True)))
         record = normalize_row(original, row["source_format"])
         assert row["conversations"] == record["conversations"]  # outputs keep the full text
         assert row["id"] == record["id"]
@@ -345,7 +345,7 @@ def check_scored(scored: list[dict], pool) -> None:
 def test_api_every_reject_reason(api_reject_run, pool):
     out, summary = api_reject_run
     assert set(summary["rejected_by_reason"]) == set(REASONS)  # every reason occurs
-    assert json.loads(json.dumps(summary, default=str)) == json.loads((out / "summary.json").read_text())
+    assert json.loads(json.dumps(summary.to_dict())) == json.loads((out / "summary.json").read_text())
     scored, rejects, _ = check_accounting(out, pool, reject_long=True)
     assert summary["truncated"] == 0 and not any(r["truncated"] for r in scored)
     check_scored(scored, pool)
@@ -389,7 +389,9 @@ def test_cli_yaml_config_equals_flags(cli_middle_runs):
     assert by_yaml.returncode == 0, by_yaml.stderr[-3000:]
     flags_scored, flags_rejects, flags_summary = read_outputs(flags_out)
     yaml_scored, yaml_rejects, yaml_summary = read_outputs(yaml_out)
-    key = lambda r: (r["source_file"], r["source_row"])
+    def key(row: dict) -> tuple:
+        return row["source_file"], row["source_row"]
+
     assert sorted(flags_scored, key=key) == sorted(yaml_scored, key=key)
     assert sorted(flags_rejects, key=key) == sorted(yaml_rejects, key=key)
     for field in ("input_rows", "scored", "rejected", "rejected_by_reason", "blank", "truncated", "prompt_tokens"):

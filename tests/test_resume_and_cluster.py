@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -50,7 +49,7 @@ def model_dir(request, tmp_path_factory) -> str:
     try:
         return str(request.getfixturevalue("tiny_llama"))
     except pytest.FixtureLookupError:
-        from deita_ray.models import build_tiny_llama
+        from deita_ray.testing.tiny_llama import build_tiny_llama
 
         return str(build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny_llama", seed=0))
 
@@ -248,54 +247,34 @@ def config_yaml(tmp_path_factory) -> Path:
 # --- tests --------------------------------------------------------------------------------------------------
 
 
-def _kill_after(run: CliRun, done_dir: Path, units: int, timeout: float) -> tuple[threading.Thread, dict]:
-    """Watch DONE_DIR from a thread; SIGKILL the run's process group once `units` markers exist."""
-    outcome: dict = {}
+def test_resume_after_killed_driver(pool_dir, model_dir, tmp_path, request):
+    """SIGKILL the whole `deita-ray score` process group mid-run, while its scorer actor is paused before
+    its third unit (tests/fault_injection.py); the re-run finishes only the rest."""
+    from fault_injection import assert_fault_lands_before, pause_env, wait_for_pause
 
-    def watch() -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if done_dir.is_dir() and len(_visible(done_dir, ".json")) >= units:
-                run.kill()
-                outcome["killed"] = True
-                return
-            if run.proc.poll() is not None:
-                outcome["exited"] = run.proc.returncode
-                return
-            if time.monotonic() > deadline:
-                run.kill()
-                outcome["timeout"] = True
-                return
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
-def test_resume_after_killed_driver(pool_dir, model_dir, config_yaml, tmp_path, request):
-    """SIGKILL the whole `deita-ray score` process group mid-run; the re-run finishes only the rest."""
-    output = tmp_path / "out"
+    output, pause = tmp_path / "out", tmp_path / "pause"
+    config_yaml = tmp_path / "score.yaml"  # the pause reaches the actor through resources.actor_env
+    config_yaml.write_text(json.dumps({"backend": BACKEND,
+                                       "resources": {"actor_env": pause_env("score", 2, pause)}}))
     args = _cli_args(pool_dir, model_dir, output, config_yaml)
 
     run = CliRun(args)
     try:
         # The doomed run starts its Ray while the reference run (in this process) scores.
-        watcher, outcome = _kill_after(run, output / "_done", units=2, timeout=300)
         reference = request.getfixturevalue("reference")
-        watcher.join()
+        paused = wait_for_pause(pause, lambda: run.proc.poll() is not None, output, 2, timeout=300)
+        marked = assert_fault_lands_before(output, paused, N_UNITS)
+        assert run.proc.poll() is None, "the driver exited while its actor was paused"
     finally:
         run.kill()
         leftover = run.cleanup()
-        log = run.output_text
-    assert outcome.get("killed"), f"deita-ray was not killed after 2 units ({outcome}):\n{log[-3000:]}"
     print(f"killed driver left {leftover} live Ray processes (killed by pid)")
 
     finished = _marker_mtimes(output)
-    assert 2 <= len(finished) < N_UNITS, f"kill came too late: {len(finished)} of {N_UNITS} units done"
+    assert set(finished) == set(marked) and len(finished) == 2 < N_UNITS
     assert not (output / "summary.json").exists()
 
-    rerun = CliRun(args)
+    rerun = CliRun(args)  # the pause directory is spent: the re-run does not stop
     try:
         assert rerun.wait() == 0, rerun.output()[-3000:]
         log = rerun.output()

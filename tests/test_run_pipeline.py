@@ -12,14 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from fault_injection import assert_fault_lands_before, pause_env, wait_for_pause
 from pydantic import ValidationError
 from ray_cluster import ray_local  # noqa: F401
 from reference import mixed_pool
 from select_reference import plain_greedy, rank_order, unit_rows
-from test_resume_and_cluster import CliRun, _kill_after, _marker_mtimes, assert_same_output
+from test_resume_and_cluster import CliRun, _marker_mtimes, assert_same_output
 
-from deita_ray.config import RunConfig
-from deita_ray.run import StageChangedError, run_pipeline
+import deita_ray
+from deita_ray.pipeline import RunConfig, StageChangedError, run_pipeline
 
 
 def run_config(pool: Path, out: Path, model: Path, **select) -> dict:
@@ -73,8 +74,9 @@ def selected(run: Path) -> list[str]:
 def test_run_chains_stages_skips_and_invalidates(tmp_path: Path, tiny_llama: Path, ray_local) -> None:  # noqa: F811
     pool, records = mixed_pool(tmp_path, n_alpaca=14, n_sharegpt=6, n_messages=10)
     run = tmp_path / "run"
-    summary = run_pipeline(RunConfig.model_validate(run_config(pool, run, tiny_llama)))
-    assert [s["status"] for s in summary["stages"].values()] == ["ran", "ran", "ran"]
+    summary = deita_ray.run(run_config(pool, run, tiny_llama))  # the Python API: a typed summary
+    assert [s.status for s in summary.stages.values()] == ["ran", "ran", "ran"]
+    assert summary.results["select"].selected == 12 and summary.results["score"].scored == len(records)
     assert summary["selected"] == 12 and summary["budget_reached"]
     assert selected(run) == expected_selection(run, 12, 0.9)
     for path in (
@@ -112,27 +114,29 @@ def test_run_chains_stages_skips_and_invalidates(tmp_path: Path, tiny_llama: Pat
 
 @pytest.mark.integration
 def test_killed_run_resumes_to_the_undisturbed_result(tmp_path: Path, tiny_llama: Path, ray_local) -> None:  # noqa: F811
-    """SIGKILL `deita-ray run` (driver and its local Ray) once the embed stage has finished 2 units; the
-    re-run skips the complete score stage, embeds only the unmarked units, selects, and every output
-    equals an undisturbed run's."""
+    """SIGKILL `deita-ray run` (driver and its local Ray) while its embedder actor is paused before its
+    third unit (tests/fault_injection.py), two being complete; the re-run skips the complete score
+    stage, embeds only the unmarked units, selects, and every output equals an undisturbed run's."""
     pool, _ = mixed_pool(tmp_path, n_alpaca=6, n_sharegpt=4, n_messages=6)
     config = run_config(pool, tmp_path / "killed", tiny_llama, budget=8)
-    # 8 score units, so 8 embed units (one per scored shard): a window to land the kill in.
+    # 8 score units, so 8 embed units (one per scored shard).
     config["score"]["rows_per_shard"] = 2
+    pause = tmp_path / "pause"
+    config["embed"]["resources"]["actor_env"] = pause_env("embed", 2, pause)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
+    killed = tmp_path / "killed"
     cli = CliRun([str(path), "--ray-address", "local"], command="run")
     try:
-        watcher, outcome = _kill_after(cli, tmp_path / "killed" / "embed" / "_done", units=2, timeout=300)
-        watcher.join()
+        paused = wait_for_pause(pause, lambda: cli.proc.poll() is not None, killed / "embed", 2, timeout=300)
+        marked = assert_fault_lands_before(killed / "embed", paused, 8, pid_field="embedder_pid")
+        assert cli.proc.poll() is None, "the run exited while its embedder was paused"
     finally:
         cli.kill()
         cli.cleanup()
-    assert outcome.get("killed"), f"run not killed mid-embed ({outcome}):\n{cli.output()[-3000:]}"
-    killed = tmp_path / "killed"
     assert (killed / "score" / "summary.json").exists() and not (killed / "embed" / "summary.json").exists()
     finished = _marker_mtimes(killed / "embed")
-    assert 2 <= len(finished) < 8
+    assert set(finished) == set(marked) and len(finished) == 2 < 8
 
     resumed = run_pipeline(RunConfig.model_validate(config))
     assert [s["status"] for s in resumed["stages"].values()] == ["skipped", "ran", "ran"]
@@ -141,7 +145,7 @@ def test_killed_run_resumes_to_the_undisturbed_result(tmp_path: Path, tiny_llama
     mtimes = _marker_mtimes(killed / "embed")
     assert {u: mtimes[u] for u in finished} == finished, "finished embed units were redone"
 
-    undisturbed = {**config, "output": str(tmp_path / "undisturbed")}
+    undisturbed = {**config, "output": str(tmp_path / "undisturbed")}  # the pause is spent: no stop
     run_pipeline(RunConfig.model_validate(undisturbed))
     undisturbed_dir = tmp_path / "undisturbed"
     assert_same_output(killed / "score", undisturbed_dir / "score")

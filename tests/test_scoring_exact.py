@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 import deita_ray
 from deita_ray import io
-from deita_ray.config import ScoreConfig
+from deita_ray.scoring.config import ScoreConfig
 from deita_ray.scoring.prompts import derive_digit_tokens, expected_score
 from deita_ray.scoring.scorer import Scorer
 
@@ -44,7 +44,7 @@ def test_batched_scorer_equals_reference(request, tmp_path, model_fixture, sizes
     scorer.setup()
     results = scorer.score_samples([r["conversations"] for r in records])
     reference = load_reference(path)
-    for record, result in zip(records, results):
+    for record, result in zip(records, results, strict=True):
         assert result.reject is None and not result.truncated
         c, q, evol = reference_sample_scores(reference, reference, record["conversations"])
         assert result.complexity == pytest.approx(c, abs=TOLERANCE)

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from fault_injection import pause_env, wait_for_pause
 from ray_cluster import ray_local  # noqa: F401
 from select_reference import plain_greedy, rank_order, unit_rows
 
-from deita_ray.config import RayIndexConfig, SelectConfig
 from deita_ray.scoring.pipeline import scored_table
+from deita_ray.selection.config import RayIndexConfig, SelectConfig
 from deita_ray.selection.pipeline import check_stream_room, run_select, stream_room_problem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -371,16 +371,17 @@ def test_ray_index_equals_local(tmp_path: Path, ray_local) -> None:  # noqa: F81
 
 @pytest.mark.integration
 def test_killed_selection_resumes_to_the_same_result(tmp_path: Path) -> None:
-    """SIGKILL the selection after a few checkpoints; the re-run resumes from the cursor (it does not
-    start over) and its output equals an undisturbed run's."""
-    write_pool(tmp_path, n=6000, dim=48, seed=7, clusters=400, spread=0.5)
+    """SIGKILL the selection while it is paused before its 21st chunk, 20 checkpoints written
+    (deita_ray/runtime/faults.py); the re-run resumes from the cursor (it does not start over) and its
+    output equals an undisturbed run's."""
+    write_pool(tmp_path, n=2000, dim=48, seed=7, clusters=400, spread=0.5)
     args = [
         "--scores",
         str(tmp_path / "score"),
         "--embeddings",
         str(tmp_path / "embed"),
         "--budget",
-        "3000",
+        "1000",
         "--threshold",
         "0.6",
         "--chunk-size",
@@ -391,27 +392,32 @@ def test_killed_selection_resumes_to_the_same_result(tmp_path: Path) -> None:
     config.write_text("checkpoint_interval_s: 0\n")
     cli = [sys.executable, "-m", "deita_ray.cli", "select", "--config", str(config)] + args
     subprocess.run(cli + ["--output", str(tmp_path / "whole")], check=True, capture_output=True)
+    pause = tmp_path / "pause"
     process = subprocess.Popen(
         cli + ["--output", str(tmp_path / "killed")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**os.environ, **pause_env("select", 20, pause)},  # the scan runs in the driver
     )
-    cursor = tmp_path / "killed" / "_checkpoint" / "cursor.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if cursor.exists() and json.loads(cursor.read_text())["parts"] >= 20:
-            break
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    try:
+        paused = wait_for_pause(pause, lambda: process.poll() is not None, timeout=300)
+        assert paused["pid"] == process.pid and paused["index"] == 20
+        cursor = tmp_path / "killed" / "_checkpoint" / "cursor.json"
+        killed_at = json.loads(cursor.read_text())
+        # The fault lands mid-scan, right after the 20th checkpoint: the paused chunk starts there.
+        assert killed_at["parts"] == 20 and killed_at["scanned"] == paused["unit"] > 0
+        assert not (tmp_path / "killed" / "report.json").exists()
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert json.loads(cursor.read_text()) == killed_at, "the checkpoint moved after the pause"
     assert not (tmp_path / "killed" / "report.json").exists(), "finished before it could be killed"
-    killed_at = json.loads(cursor.read_text())["scanned"]
-    assert killed_at > 0
+    killed_at = killed_at["scanned"]
     resumed = subprocess.run(cli + ["--output", str(tmp_path / "killed")], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads((tmp_path / "killed" / "report.json").read_text())
-    assert report["resumed_from_candidate"] >= killed_at
+    assert report["resumed_from_candidate"] == killed_at
     assert (tmp_path / "killed" / "selected.jsonl").read_text() == (
         tmp_path / "whole" / "selected.jsonl"
     ).read_text()

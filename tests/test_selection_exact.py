@@ -8,8 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from select_reference import exact_cos, plain_greedy, plain_greedy_float32, unit_rows
 
-from deita_ray.selection.greedy import greedy_select, normalize_rows, resolve_chunk, rounding_band
+from deita_ray.selection.greedy import greedy_select, resolve_chunk
 from deita_ray.selection.index import LocalIndex, ShardedIndex
+from deita_ray.selection.similarity import normalize_rows, rounding_band
 
 
 def make_pool(

@@ -17,9 +17,9 @@ from reference import mixed_pool
 from transformers import AutoTokenizer
 
 from deita_ray import cli, io
-from deita_ray.config import ScoreConfig, SyntheticBackendConfig
 from deita_ray.scoring.backends import backend_class
 from deita_ray.scoring.backends.synthetic import SyntheticBackend, synthetic_digit_values
+from deita_ray.scoring.config import ScoreConfig, SyntheticBackendConfig
 from deita_ray.scoring.prompts import COMPLEXITY_TEMPLATE, QUALITY_TEMPLATE
 from deita_ray.scoring.scorer import Scorer
 
@@ -78,7 +78,7 @@ def test_registry_and_config():
     config = ScoreConfig.model_validate({"input": "x", "output": "o", "complexity_model": "m",
                                          "quality_model": "m", "backend": {"type": "synthetic"}})
     assert config.backend == SyntheticBackendConfig() and config.backend.seconds_per_prompt == 0
-    assert config.result_fingerprint()["backend"] == "synthetic"
+    assert config.result_fingerprint()["backend"] == {"type": "synthetic"}
     slow = config.model_copy(update={"backend": SyntheticBackendConfig(seconds_per_prompt=0.5)})
     assert slow.result_fingerprint() == config.result_fingerprint()  # simulated time is not a result
     with pytest.raises(ValidationError, match="seconds_per_prompt"):

@@ -8,8 +8,9 @@
       EmbedWriteStage  (tasks)   embeddings/<unit>.parquet, rejects/<unit>.parquet, then _done/<unit>.json
     summary.json (counts per reject reason, accounting identity checked, throughput)
 
-As in scoring, a Ray Data row is one work unit (payloads pickled): a unit's texts are embedded together,
-memory stays bounded by the units in flight, and each output shard has a stable identity for resume.
+As in scoring, a Ray Data row is one work unit (typed columns, runtime/units.py): a unit's texts are
+embedded together, memory stays bounded by the units in flight, and each output shard has a stable
+identity for resume.
 """
 
 from __future__ import annotations
@@ -18,37 +19,34 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import time
-from collections import Counter
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from deita_ray import io, shards
-from deita_ray.config import EmbedConfig
+from deita_ray import io
+from deita_ray.embedding.config import EmbedConfig
 from deita_ray.embedding.embedders import EmbedResult, make_embedder
 from deita_ray.embedding.render import RenderError, render_conversation
-from deita_ray.plan import Unit
-from deita_ray.records import RejectReason
-from deita_ray.scoring.pipeline import (
-    PLAN_DIR,
-    REJECT_SCHEMA,
-    REJECTS_DIR,
-    SCORED_DIR,
-    ReadUnitStage,
-    plan_units,
-)
-from deita_ray.stages import (
+from deita_ray.embedding.summary import EmbedSummary
+from deita_ray.ingest.plan import Unit
+from deita_ray.ingest.read import PLAN_DIR, REJECT_SCHEMA, REJECTS_DIR, ReadUnitStage, plan_units, reject_row
+from deita_ray.ingest.records import RejectReason
+from deita_ray.runtime import markers
+from deita_ray.runtime.faults import pause_point
+from deita_ray.runtime.ray_cluster import current_node_id
+from deita_ray.runtime.units import (
+    RunProgress,
+    UnitStage,
     append_unit_row,
-    connect_ray,
-    current_node_id,
-    reject_row,
+    finish_unit,
     require_columns,
+    run_unit_stage,
     tally_units,
     unit_pipeline,
+    unit_row,
     unpack_unit_row,
 )
 
@@ -56,6 +54,7 @@ logger = logging.getLogger("deita_ray")
 
 EMBEDDINGS_DIR = "embeddings"
 METADATA_KEY = b"deita_ray"
+SCORED_DIR = "scored"  # a `deita-ray score` output's shard folder
 SCORED_KIND = "scored"  # Unit.kind of a scored shard (raw units are jsonl/parquet)
 CANONICAL_ROLES = ("system", "user", "assistant")
 # Marker fields that describe how a unit was run rather than what it contains.
@@ -94,7 +93,7 @@ def scored_fingerprint(scored_dir: str) -> str:
 def plan_scored_units(scored_dir: str) -> list[Unit]:
     """One unit per scored shard, with the shard's own unit id. Refuses an unfinished scoring run."""
     files = io.list_files(f"{scored_dir}/{SCORED_DIR}", ".parquet")
-    done = shards.completed_units(scored_dir)
+    done = markers.completed_units(scored_dir)
     unit_ids = [path.rsplit("/", 1)[-1][: -len(".parquet")] for path in files]
     planned = set(unit_ids)
     plan_path = f"{scored_dir}/{PLAN_DIR}/plan.json"
@@ -200,9 +199,9 @@ class EmbedReadStage:
                     f"{len(samples) + len(rejects)}; did {unit.source_file} change?"
                 )
         else:
-            read = self.raw_reader(row)
-            samples, rejects = pickle.loads(read["samples"]), pickle.loads(read["rejects"])
-            counts = json.loads(read["counts"])
+            _, samples, rejects, counts = unpack_unit_row(
+                self.raw_reader(row), ("unit", "samples", "rejects", "counts"), type(self).__name__, "samples"
+            )
         texts = []
         for sample in samples:
             problem = None
@@ -219,12 +218,7 @@ class EmbedReadStage:
             texts.append(
                 {"id": sample["id"], "text": text, "source_row": sample["source_row"], "raw": sample["raw"]}
             )
-        return {
-            "unit": row["unit"],
-            "samples": pickle.dumps(texts),
-            "rejects": pickle.dumps(rejects),
-            "counts": json.dumps(counts),
-        }
+        return unit_row(row["unit"], "samples", texts, rejects, counts)
 
 
 def finish_vectors(vectors: np.ndarray, normalize: bool, dtype: str) -> tuple[np.ndarray, int, int]:
@@ -242,7 +236,8 @@ def finish_vectors(vectors: np.ndarray, normalize: bool, dtype: str) -> tuple[np
 
 
 class EmbedStage:
-    """Actor: embeds every text of a unit. In: `unit`, `samples`, `rejects`, `counts`. Out: + `embedded`.
+    """Actor: embeds every text of a unit. In: `unit`, `samples`, `rejects`, `counts`. Out: + `embedded` (ids,
+    truncated) and `vectors` (a tensor column).
 
     Runs as a Ray Data actor pool; the model loads once per actor (in __init__, which Ray Data calls on
     the actor) and is released in __del__ (teardown).
@@ -258,10 +253,11 @@ class EmbedStage:
         self.pid, self.node = os.getpid(), current_node_id()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, list] = {name: [] for name in ("unit", "embedded", "rejects", "counts")}
+        out: dict[str, list] = {name: [] for name in ("unit", "embedded", "vectors", "rejects", "counts")}
         for index in range(len(batch["unit"])):
             row = {name: batch[name][index] for name in self.inputs}
             unit, samples, rejects, counts = unpack_unit_row(row, self.inputs, type(self).__name__, "samples")
+            pause_point("embed", unit.unit_id)  # test-only fault injection (deita_ray/runtime/faults.py)
             started = time.perf_counter()
             if samples:
                 result = self.embedder.embed([s["text"] for s in samples])
@@ -279,7 +275,6 @@ class EmbedStage:
             )
             embedded = {
                 "ids": [samples[i]["id"] for i in keep],
-                "vectors": vectors,
                 "truncated": [bool(result.truncated[i]) for i in keep],
             }
             counts.update(
@@ -294,7 +289,7 @@ class EmbedStage:
                 embedder_pid=self.pid,
                 embedder_node=self.node,
             )
-            append_unit_row(out, row["unit"], "embedded", embedded, rejects, counts)
+            append_unit_row(out, row["unit"], "embedded", embedded, rejects, counts, vectors=vectors)
         return out
 
     def __del__(self) -> None:
@@ -322,9 +317,10 @@ def embeddings_table(
 
 
 class EmbedWriteStage:
-    """Write a unit's shards, then its marker. In: `unit`, `embedded`, `rejects`, `counts`. Out: `counts`."""
+    """Write a unit's shards, then its marker. In: `unit`, `embedded`, `vectors`, `rejects`,
+    `counts`. Out: `counts`."""
 
-    inputs = ("unit", "embedded", "rejects", "counts")
+    inputs = ("unit", "embedded", "vectors", "rejects", "counts")
 
     def __init__(self, config: EmbedConfig) -> None:
         self.output = config.output
@@ -336,28 +332,16 @@ class EmbedWriteStage:
         }
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        require_columns(row, self.inputs, type(self).__name__)
-        unit = Unit.from_dict(json.loads(row["unit"]))
-        embedded = pickle.loads(row["embedded"])
-        rejects = pickle.loads(row["rejects"])
-        counts = json.loads(row["counts"])
-        counts["embedded"] = len(embedded["ids"])
-        counts["rejected"] = dict(Counter(r["reason"] for r in rejects))
-        accounted = counts["blank"] + counts["embedded"] + sum(counts["rejected"].values())
-        if accounted != counts["input_rows"]:
-            raise AssertionError(
-                f"unit {unit.unit_id}: {counts['input_rows']} rows in, {accounted} accounted"
-            )
+        unit, embedded, rejects, counts = unpack_unit_row(row, self.inputs, type(self).__name__, "embedded")
         table = embeddings_table(
             embedded["ids"],
-            embedded["vectors"],
+            np.asarray(row["vectors"]),
             embedded["truncated"],
             counts["dim"],
             {"dim": counts["dim"], **self.metadata},
         )
         tables = {EMBEDDINGS_DIR: table, REJECTS_DIR: pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)}
-        shards.write_unit(self.output, unit.unit_id, tables, counts)
-        return {"counts": json.dumps(counts)}
+        return finish_unit(self.output, unit, "embedded", len(embedded["ids"]), rejects, counts, tables)
 
 
 # --- driver ------------------------------------------------------------------------------------------
@@ -375,112 +359,84 @@ def build_dataset(config: EmbedConfig, pending: list[Unit]):
     )
 
 
-def summarize(
-    config: EmbedConfig, units: list[Unit], timings: dict[str, float], run: dict[str, Any]
-) -> dict[str, Any]:
+def summarize(config: EmbedConfig, units: list[Unit], timings: dict[str, float], run: RunProgress) -> EmbedSummary:
     counted = ("truncated", "tokens", "non_finite", "zero_norm")
     tally = tally_units(config.output, units, counted, done="embedded")
-    markers, totals, rejected = tally.markers, tally.totals, tally.rejected
-    dims = {m["dim"] for m in markers.values()}
+    by_unit, totals, rejected = tally.markers, tally.totals, tally.rejected
+    dims = {m["dim"] for m in by_unit.values()}
     if len(dims) > 1:
         raise AssertionError(f"units disagree on the embedding dimension: {sorted(dims)}")
     seconds = timings.get("embed_seconds", 0.0)
-    return {
-        "output": config.output,
-        "input_rows": tally.planned_rows,
-        "embedded": totals["embedded"],
-        "rejected": sum(rejected.values()),
-        "rejected_by_reason": dict(sorted(rejected.items())),
-        "blank": totals["blank"],
-        "truncated": totals["truncated"],
-        "tokens": totals["tokens"],
-        "non_finite": totals["non_finite"],
-        "zero_norm": totals["zero_norm"],
-        "dim": dims.pop() if dims else None,
-        "max_length": next((m.get("max_length") for m in markers.values()), None),
-        "normalized": config.normalize,
-        "embedding_dtype": config.embedding_dtype,
-        "model": config.model,
-        "kind": config.embedder.kind,
-        "units": len(units),
-        "units_this_run": run["units"],
-        "timings": timings,
-        "throughput": {
-            "samples_per_s": run["rows"] / seconds if seconds else None,
-            "tokens_per_s": run["tokens"] / seconds if seconds else None,
+    return EmbedSummary(
+        output=config.output,
+        input_rows=tally.planned_rows,
+        embedded=totals["embedded"],
+        rejected=sum(rejected.values()),
+        rejected_by_reason=dict(sorted(rejected.items())),
+        blank=totals["blank"],
+        truncated=totals["truncated"],
+        tokens=totals["tokens"],
+        non_finite=totals["non_finite"],
+        zero_norm=totals["zero_norm"],
+        dim=dims.pop() if dims else None,
+        max_length=next((m.get("max_length") for m in by_unit.values()), None),
+        normalized=config.normalize,
+        embedding_dtype=config.embedding_dtype,
+        model=config.model,
+        kind=config.embedder.kind,
+        units=len(units),
+        units_this_run=run.units,
+        timings=timings,
+        throughput={
+            "samples_per_s": run.rows / seconds if seconds else None,
+            "tokens_per_s": run.tokens / seconds if seconds else None,
             # The units after the first one embedded, over the time from that embedding to the last unit's
             # arrival: excludes actor start-up and model load (None with fewer than two units this run).
-            "warm_samples_per_s": run["warm_rows"] / run["warm_seconds"] if run["warm_seconds"] else None,
+            "warm_samples_per_s": run.warm_rows / run.warm_seconds if run.warm_seconds else None,
         },
-        "config": config.model_dump(mode="json"),
-    }
+        config=config.model_dump(mode="json"),
+    )
 
 
-def run_embed(config: EmbedConfig) -> dict[str, Any]:
-    """Embed a scored directory or a raw pool end to end (resuming what a previous run of the same
-    config finished). Returns the summary (also written to OUTPUT/summary.json)."""
-    started = time.perf_counter()
+def _check_inputs(config: EmbedConfig) -> tuple[str | None, list[str] | None]:
+    """(the scored directory, or the raw files) — an unfinished scoring or inputs that match nothing
+    fail here, before the output directory is claimed and Ray starts."""
     scored_dir = scored_input(config)
-    files = None
+    if io.exists(f"{config.output}/{PLAN_DIR}/plan.json"):
+        return scored_dir, None
+    if scored_dir is not None:
+        plan_scored_units(scored_dir)
+        return scored_dir, None
+    return None, io.expand_inputs(config.input)
+
+
+def embed_fingerprint(config: EmbedConfig) -> dict[str, Any]:
+    """The result fingerprint; for a scored directory, the raw-input options give way to the scoring's
+    own fingerprint (re-scoring it differently in place makes a resumed embed refuse)."""
     fingerprint = config.result_fingerprint()
+    scored_dir = scored_input(config)
     if scored_dir is not None:
         for key in ("input_format", "id_field", "rows_per_shard"):  # raw-input options: unused here
             fingerprint.pop(key)
         fingerprint["scored_input"] = scored_fingerprint(scored_dir)
-        if not io.exists(f"{config.output}/{PLAN_DIR}/plan.json"):
-            plan_scored_units(scored_dir)  # an unfinished scoring fails here, before the output is claimed
-    elif not io.exists(f"{config.output}/{PLAN_DIR}/plan.json"):
-        # Inputs that match nothing fail here, before the output directory is claimed and Ray starts.
-        files = io.expand_inputs(config.input)
-    shards.claim_output(
-        config.output,
-        fingerprint,
-        config.model_dump(mode="json"),
-        config.overwrite,
-        owned=(EMBEDDINGS_DIR, REJECTS_DIR, PLAN_DIR, shards.MARKER_DIR, "summary.json"),
+    return fingerprint
+
+
+def run_embed(config: EmbedConfig) -> EmbedSummary:
+    """Embed a scored directory or a raw pool end to end (resuming what a previous run of the same
+    config finished). Returns the summary (also written to OUTPUT/summary.json)."""
+    return run_unit_stage(
+        UnitStage(
+            verb="embed",
+            done="embedded",
+            owned=(EMBEDDINGS_DIR, REJECTS_DIR, PLAN_DIR),
+            fingerprint=lambda: embed_fingerprint(config),
+            check_inputs=lambda: _check_inputs(config),
+            plan=lambda inputs: plan_embed_units(config, *inputs),
+            pipeline=lambda pending: build_dataset(config, pending),
+            summarize=lambda units, timings, run: summarize(config, units, timings, run),
+            token_key="tokens",
+            finished_at_key="embedded_at",
+        ),
+        config,
     )
-    connect_ray(config.ray_address)
-    units = plan_embed_units(config, scored_dir, files)
-    planned = time.perf_counter()
-    done = shards.completed_units(config.output)
-    pending = [u for u in units if u.unit_id not in done]
-    logger.warning(
-        "deita-ray embed: %d units planned, %d already complete, %d to embed",
-        len(units),
-        len(units) - len(pending),
-        len(pending),
-    )
-    run = {"units": len(pending), "rows": 0, "tokens": 0, "warm_rows": 0, "warm_seconds": 0.0}
-    embedded_at: list[tuple[float, int]] = []  # (when the actor finished the unit, its rows)
-    if pending:
-        last_report = time.perf_counter()
-        for index, row in enumerate(build_dataset(config, pending).iter_rows(), start=1):
-            counts = json.loads(row["counts"])
-            now = time.perf_counter()
-            run["rows"] += counts["input_rows"]
-            run["tokens"] += counts.get("tokens", 0)
-            embedded_at.append((counts["embedded_at"], counts["input_rows"]))
-            if index == len(pending) or now - last_report > 10:
-                last_report = now
-                logger.warning(
-                    "deita-ray embed: %d/%d units, %d rows this run (%.1f rows/s)",
-                    index,
-                    len(pending),
-                    run["rows"],
-                    run["rows"] / max(now - planned, 1e-9),
-                )
-    finished = time.perf_counter()
-    if len(embedded_at) > 1:
-        # Warm: the first unit embedded carries actor start-up and model load; the others are timed from
-        # its completion to the last unit's arrival here (per-unit overheads included).
-        first = min(embedded_at)
-        run["warm_rows"] = run["rows"] - first[1]
-        run["warm_seconds"] = time.time() - first[0]
-    timings = {
-        "plan_seconds": planned - started,
-        "embed_seconds": finished - planned,
-        "total_seconds": finished - started,
-    }
-    summary = summarize(config, units, timings, run)
-    io.atomic_write_json(f"{config.output}/summary.json", summary)
-    return summary

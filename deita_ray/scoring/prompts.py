@@ -98,7 +98,7 @@ def derive_digit_tokens(tokenizer, override: Sequence[int] | None = None) -> Dig
 
 
 def _verify_decodes(tokenizer, tokens: DigitTokens) -> None:
-    for digit, token_id in zip(SCORE_DIGITS, tokens.ids):
+    for digit, token_id in zip(SCORE_DIGITS, tokens.ids, strict=True):
         text = tokenizer.decode([token_id]).strip().lstrip("▁")
         if text != digit:
             raise ValueError(f"digit token id {token_id} decodes to {text!r}, expected {digit!r}")

@@ -11,9 +11,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from deita_ray.config import ScoreConfig
-from deita_ray.records import RejectReason, scoring_pairs
+from deita_ray.engines.hf import load_tokenizer, model_context_length
+from deita_ray.ingest.records import RejectReason, scoring_pairs
 from deita_ray.scoring.backends import ScorerBackend, backend_class
+from deita_ray.scoring.config import ScoreConfig
 from deita_ray.scoring.prompts import (
     TRUNCATION_MARKER,
     DigitTokens,
@@ -29,27 +30,6 @@ _FIT_ATTEMPTS = 6
 
 class PromptTooLong(ValueError):
     """The template alone (with the instruction/response cut to nothing) exceeds the context."""
-
-
-def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name)
-
-
-def model_context_length(model: str) -> int | None:
-    """max_position_embeddings from the model config, if the config can be read."""
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model)
-    except Exception:  # noqa: BLE001 - remote-only models (openai backend) may have no local config
-        return None
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _cut_middle(tokenizer, text: str, keep_tokens: int) -> str:
@@ -78,7 +58,9 @@ def _fair_shares(lengths: list[int], total: int) -> list[int]:
     return shares
 
 
-def encode_prompt(tokenizer, template_fn, fields: Sequence[str], limit: int, truncation: str) -> tuple[list[int], bool]:
+def encode_prompt(
+    tokenizer, template_fn, fields: Sequence[str], limit: int, truncation: str
+) -> tuple[list[int], bool]:
     """Token ids of template_fn(*fields) with at most `limit` tokens; (ids, truncated).
 
     Rule ("middle"): a prompt that fits is tokenized whole, exactly as the reference does. Otherwise
@@ -99,7 +81,10 @@ def encode_prompt(tokenizer, template_fn, fields: Sequence[str], limit: int, tru
         if budget < len(fields):
             break
         shares = _fair_shares(field_lengths, budget)
-        cut = [_cut_middle(tokenizer, f, s) if s < n else f for f, s, n in zip(fields, shares, field_lengths)]
+        cut = [
+            _cut_middle(tokenizer, f, s) if s < n else f
+            for f, s, n in zip(fields, shares, field_lengths, strict=True)
+        ]
         ids = tokenizer(template_fn(*cut))["input_ids"]
         if len(ids) <= limit:
             return ids, True
@@ -188,7 +173,7 @@ class Scorer:
             live = [job for job in model_jobs if results[job[0]].reject is None]
             values = self._backends[model].digit_values([job[3] for job in live])
             # Regroup: each value back to its sample/turn/score slot.
-            for (sample_index, kind, turn, _), value in zip(live, values):
+            for (sample_index, kind, turn, _), value in zip(live, values, strict=True):
                 result = results[sample_index]
                 if result.reject is not None:
                     continue
@@ -202,5 +187,6 @@ class Scorer:
                 getattr(result, kind)[turn] = score
         for result in results:
             if result.reject is None:
-                result.evol = float(sum(c * q for c, q in zip(result.complexity, result.quality)))
+                pairs = zip(result.complexity, result.quality, strict=True)
+                result.evol = float(sum(c * q for c, q in pairs))
         return results

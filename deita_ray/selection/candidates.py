@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from deita_ray import io
-from deita_ray.selection.greedy import normalize_rows
+from deita_ray.selection.similarity import normalize_rows
 
 
 class Excluded(str, Enum):

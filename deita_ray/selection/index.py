@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from deita_ray.selection.greedy import conflicts_from_block
+from deita_ray.engines.hf import resolve_device
+from deita_ray.selection.similarity import conflicts_from_block
 
 # Accepted rows per matrix product: bounds the temporary (chunk × block) similarity matrix.
 BLOCK_ROWS = 16384
@@ -30,17 +31,6 @@ class AcceptedIndex(Protocol):
     def __len__(self) -> int: ...
 
     def close(self) -> None: ...
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
 
 
 class LocalIndex:
@@ -60,7 +50,7 @@ class LocalIndex:
         # The float32 host copy is the source for exact re-checks (and the numpy path's matrix).
         self.vectors = np.empty((max(capacity, 1), dim), dtype=np.float32)
         self.size = 0
-        self.device = _resolve_device(device) if library == "torch" else "cpu"
+        self.device = resolve_device(device) if library == "torch" else "cpu"
         self._torch_rows = None
         self._faiss = None
         if library == "torch":

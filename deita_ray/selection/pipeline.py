@@ -26,12 +26,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from deita_ray import io, shards
-from deita_ray.config import RayIndexConfig, SelectConfig
+from deita_ray import io
+from deita_ray.runtime import markers
+from deita_ray.runtime.faults import pause_point
+from deita_ray.runtime.ray_cluster import alive_nodes, connect_ray, joined_cluster
 from deita_ray.selection import candidates as cand
-from deita_ray.selection.greedy import greedy_step, rounding_band
+from deita_ray.selection.config import RayIndexConfig, SelectConfig
+from deita_ray.selection.greedy import greedy_step
 from deita_ray.selection.index import LocalIndex, ShardedIndex
-from deita_ray.stages import connect_ray
+from deita_ray.selection.similarity import rounding_band
+from deita_ray.selection.summary import SelectReport
 
 logger = logging.getLogger("deita_ray")
 
@@ -162,6 +166,7 @@ def scan(config: SelectConfig, plan: cand.CandidatePlan, state: ScanState) -> Sc
         for chunk in _stream(config, plan, state.scanned):
             if state.accepted >= config.budget:
                 break
+            pause_point("select", state.scanned)  # test-only fault injection (deita_ray/runtime/faults.py)
             result = greedy_step(index, chunk.vectors, config.threshold, band, config.budget - state.accepted)
             accepted_vectors = chunk.vectors[result.accepted]
             flags = np.zeros(result.scanned, dtype=bool)
@@ -216,7 +221,7 @@ def _messages(row: dict[str, Any]) -> list[dict[str, str]] | None:
         if isinstance(turn, dict) and "role" in turn:
             messages.append({"role": turn["role"], "content": turn.get("content")})
         elif isinstance(turn, dict) and "from" in turn:
-            from deita_ray.records import ROLE_ALIASES
+            from deita_ray.ingest.records import ROLE_ALIASES
 
             messages.append(
                 {"role": ROLE_ALIASES.get(turn["from"], turn["from"]), "content": turn.get("value")}
@@ -313,9 +318,8 @@ def stream_room_problem(index: RayIndexConfig, nodes: list[dict[str, float]]) ->
 def check_stream_room(index: RayIndexConfig, joined_cluster: bool) -> None:
     """On the local Ray this run started: an error before any work. On a cluster an autoscaler may
     still add CPUs: a warning."""
-    import ray
 
-    problem = stream_room_problem(index, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    problem = stream_room_problem(index, alive_nodes())
     if problem and not joined_cluster:
         raise ValueError(problem)
     if problem:
@@ -331,12 +335,12 @@ def _scan_embeddings(config: SelectConfig, files: list[str]) -> list[pa.Table]:
     return [cand.scan_embedding_file(path, i) for i, path in enumerate(files)]
 
 
-def run_select(config: SelectConfig) -> dict[str, Any]:
+def run_select(config: SelectConfig) -> SelectReport:
     """Select `budget` samples (resuming a killed run of the same config); returns the report."""
     started = time.perf_counter()
     score_paths = cand.score_files(config.scores)
     embedding_paths = cand.embedding_files(config.embeddings)
-    shards.claim_output(
+    markers.claim_output(
         config.output,
         config.result_fingerprint(),
         config.model_dump(mode="json"),
@@ -346,13 +350,11 @@ def run_select(config: SelectConfig) -> dict[str, Any]:
     report_path = f"{config.output}/report.json"
     if io.exists(report_path):
         logger.warning("deita-ray select: %s is complete for this config", config.output)
-        return io.read_json(report_path)
+        return SelectReport.model_validate(io.read_json(report_path))
     if isinstance(config.index, RayIndexConfig):
-        import ray
-
-        joined_cluster = ray.is_initialized() or config.ray_address not in (None, "local")
+        joined = joined_cluster(config.ray_address)
         connect_ray(config.ray_address)
-        check_stream_room(config.index, joined_cluster)
+        check_stream_room(config.index, joined)
     scores = cand.read_scores(score_paths, config.score_column)
     plan = cand.plan_candidates(scores, _scan_embeddings(config, embedding_paths), embedding_paths)
     planned = time.perf_counter()
@@ -382,6 +384,6 @@ def run_select(config: SelectConfig) -> dict[str, Any]:
         config, plan, state, rows, timings, resumed_from, cand.embedding_metadata(embedding_paths)
     )
     if config.plots:
-        report["plots"] = write_plots(config.output, plan, state, rows, config)
-    io.atomic_write_json(report_path, report)
+        report = report.model_copy(update={"plots": write_plots(config.output, plan, state, rows, config)})
+    io.atomic_write_json(report_path, report.to_dict())
     return report

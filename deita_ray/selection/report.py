@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from deita_ray import io
-from deita_ray.config import SelectConfig
+from deita_ray.selection.config import SelectConfig
+from deita_ray.selection.summary import SelectReport
 
 
 def _concat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
@@ -24,7 +25,7 @@ def build_report(
     timings: dict[str, float],
     resumed_from: int,
     embedding_metadata: dict[str, Any],
-) -> dict[str, Any]:
+) -> SelectReport:
     candidates = len(plan.ranked)
     selected = len(rows)
     budget_reached = selected >= config.budget
@@ -66,7 +67,7 @@ def build_report(
             f"the pool ran out before the budget: {selected} selected of {config.budget} "
             f"({candidates} candidates, {len(plan.excluded)} excluded rows)"
         )
-    return report
+    return SelectReport.model_validate(report)
 
 
 def write_plots(

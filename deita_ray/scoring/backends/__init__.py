@@ -6,11 +6,11 @@ knows nothing of templates, conversations or Ray: `deita_ray.scoring.scorer.Scor
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
+from deita_ray.engines.deps import registered_class
 from deita_ray.scoring.prompts import DigitTokens
 
 # backend type -> "module:Class", imported only when chosen (vllm/openai are optional installs).
@@ -55,22 +55,9 @@ class ScorerBackend(ABC):
     def digit_values(self, prompts: Sequence[Sequence[int]]) -> list[DigitValues]:
         """Next-token logits or log-probs of the six digits after each prompt (same order)."""
 
-    def teardown(self) -> None:
+    def teardown(self) -> None:  # noqa: B027 - optional hook: nothing to release by default
         """Release the model/engine (GPU memory, engine processes)."""
 
 
 def backend_class(backend_type: str) -> type[ScorerBackend]:
-    try:
-        target = _REGISTRY[backend_type]
-    except KeyError:
-        raise ValueError(f"unknown scorer backend {backend_type!r}; choose from {sorted(_REGISTRY)}") from None
-    module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)
-
-
-def require(module: str, install_hint: str):
-    """Import an optional dependency or fail with the pip line that fixes it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(f"{module} is needed for this backend: {install_hint}") from exc
+    return registered_class(_REGISTRY, backend_type, "scorer backend")

@@ -8,7 +8,6 @@ Layout under a stage directory DIR:
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pyarrow as pa
@@ -63,7 +62,3 @@ def claim_output(root: str, fingerprint: dict[str, Any], full_config: dict[str, 
             io.remove_tree(f"{root}/{entry}")
     io.ensure_dir(root)
     io.atomic_write_json(path, {"fingerprint": fingerprint, "config": full_config})
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, default=str)

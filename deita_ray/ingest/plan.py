@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from deita_ray import io
-from deita_ray.records import detect_file_format, id_hash, normalize_row
+from deita_ray.ingest.records import detect_file_format, id_hash, normalize_row
 
 FORMAT_SNIFF_ROWS = 100
 

@@ -1,4 +1,5 @@
-"""Length-bucketed batching, shared by the transformers scorer and the causal-LM embedder."""
+"""Length-bucketed batching, shared by the transformers scorer and the causal-LM embedder (and any stage
+that runs padded forward passes)."""
 
 from __future__ import annotations
 

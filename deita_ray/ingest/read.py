@@ -1,0 +1,149 @@
+"""The read stage every unit stage shares for raw pools: a planned unit → canonical samples and
+per-row rejects (validation, duplicates, unparseable rows), in the rejects shard schema; and the
+planning of a whole raw input into units (cached in OUTPUT/_plan/plan.json, so a resumed run has the
+same units)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from deita_ray import io
+from deita_ray.config import ResourcesConfig
+from deita_ray.ingest.plan import Unit, attach_duplicates, find_duplicates, iter_source_rows, plan_file
+from deita_ray.ingest.records import Reject, RejectReason, normalize_row
+from deita_ray.runtime.units import require_columns, unit_row
+
+PLAN_DIR, REJECTS_DIR = "_plan", "rejects"
+REJECT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+        ("raw", pa.string()),
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+    ]
+)
+
+
+class RawInputConfig(Protocol):
+    """The fields of a stage config that reading and planning a raw pool need."""
+
+    input: list[str]
+    output: str
+    input_format: str
+    id_field: str
+    rows_per_shard: int
+    resources: ResourcesConfig
+
+
+def reject_row(
+    unit: Unit, row: int, raw: str, reason: RejectReason, message: str, sample_id: str | None = None
+) -> dict[str, Any]:
+    """One rejected input row, in the rejects shard schema."""
+    return {
+        "id": sample_id,
+        "reason": reason.value,
+        "message": message,
+        "raw": raw,
+        "source_file": unit.source_file,
+        "source_row": row,
+    }
+
+
+class ReadUnitStage:
+    """unit → canonical samples and validation rejects. In: `unit`. Out: + `samples`, `rejects`, `counts`."""
+
+    inputs = ("unit",)
+
+    def __init__(self, config: RawInputConfig) -> None:
+        self.id_field = config.id_field
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        require_columns(row, self.inputs, type(self).__name__)
+        unit = Unit.from_dict(json.loads(row["unit"]))
+        samples, rejects, blank = [], [], 0
+        for source in iter_source_rows(
+            unit.kind, unit.read_path, unit.first_row, unit.n_rows, unit.byte_start, unit.byte_end
+        ):
+            if source.blank:
+                blank += 1
+                continue
+            if source.error is not None:
+                rejects.append(
+                    reject_row(unit, source.row, source.raw, RejectReason.UNPARSEABLE, source.error)
+                )
+                continue
+            record = (
+                normalize_row(source.value, unit.format, self.id_field)
+                if unit.format
+                else Reject(RejectReason.UNKNOWN_FORMAT, "no row of this file has a known format")
+            )
+            if isinstance(record, Reject):
+                rejects.append(
+                    reject_row(
+                        unit,
+                        source.row,
+                        source.raw,
+                        record.reason,
+                        record.message,
+                        _raw_id(source.value, self.id_field),
+                    )
+                )
+            elif source.row in unit.duplicates:
+                rejects.append(
+                    reject_row(
+                        unit,
+                        source.row,
+                        source.raw,
+                        RejectReason.DUPLICATE_ID,
+                        f"id {record['id']!r} first seen at {unit.duplicates[source.row]}",
+                        record["id"],
+                    )
+                )
+            else:
+                record.update(source_file=unit.source_file, source_row=source.row, raw=source.raw)
+                samples.append(record)
+        read_rows = blank + len(samples) + len(rejects)
+        if read_rows != unit.n_rows:
+            # The file changed since planning: fail loudly rather than lose or invent rows.
+            raise RuntimeError(
+                f"unit {unit.unit_id}: planned {unit.n_rows} rows, read {read_rows}; "
+                f"did {unit.source_file} change? Re-run with a new output directory"
+            )
+        counts = {"unit_id": unit.unit_id, "input_rows": unit.n_rows, "blank": blank}
+        return unit_row(row["unit"], "samples", samples, rejects, counts)
+
+
+def _raw_id(value: Any, id_field: str) -> str | None:
+    if isinstance(value, dict) and isinstance(value.get(id_field), (str, int)):
+        return str(value[id_field])
+    return None
+
+
+def plan_units(config: RawInputConfig, files: list[str] | None = None) -> list[Unit]:
+    """Plan (or reload the cached plan of) the whole input; `files` = the expanded inputs, if the
+    caller listed them already."""
+    import ray
+
+    plan_path = f"{config.output}/{PLAN_DIR}/plan.json"
+    if io.exists(plan_path):
+        return [Unit.from_dict(u) for u in io.read_json(plan_path)["units"]]
+    if files is None:
+        files = io.expand_inputs(config.input)
+    task = ray.remote(plan_file).options(
+        num_cpus=config.resources.task_num_cpus, max_retries=config.resources.max_task_retries
+    )
+    staging = f"{config.output}/{PLAN_DIR}/staged"
+    refs = [
+        task.remote(i, path, staging, config.rows_per_shard, config.input_format, config.id_field)
+        for i, path in enumerate(files)
+    ]
+    file_plans = ray.get(refs)
+    units = [Unit.from_dict(u) for plan in file_plans for u in plan["units"]]
+    attach_duplicates(units, find_duplicates(file_plans))
+    io.atomic_write_json(plan_path, {"files": files, "units": [u.to_dict() for u in units]})
+    return units

@@ -1,0 +1,37 @@
+"""`deita-ray score`'s typed result (OUTPUT/summary.json is its `to_dict()`)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from deita_ray.runtime.stage import StageSummary
+
+
+class ScoreSummary(StageSummary):
+    stage: ClassVar[str] = "score"
+
+    output: str
+    input_rows: int
+    scored: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    blank: int
+    truncated: int
+    prompt_tokens: int
+    units: int
+    units_this_run: int
+    timings: dict[str, float]
+    throughput: dict[str, float | None]
+    config: dict[str, Any]
+
+    def line(self) -> str:
+        return f"{self.scored} scored, {self.rejected} rejected, {self.blank} blank of {self.input_rows} rows"
+
+    def report_lines(self) -> list[str]:
+        out = self.output
+        return [
+            f"scored {self.scored} / {self.input_rows} rows (rejected {self.rejected}, blank {self.blank}, "
+            f"truncated {self.truncated})",
+            *(f"  rejected {reason}: {count}" for reason, count in self.rejected_by_reason.items()),
+            f"outputs: {out}/scored/  {out}/rejects/  {out}/summary.json",
+        ]

@@ -1,0 +1,58 @@
+"""The `select` stage: registration in the stage registry (see deita_ray/runtime/stage.py)."""
+
+from __future__ import annotations
+
+from deita_ray.runtime.stage import RunPaths, Stage, register_stage
+from deita_ray.selection.config import RayIndexConfig, SelectConfig
+from deita_ray.selection.summary import SelectReport
+
+
+def _run(config: SelectConfig) -> SelectReport:
+    from deita_ray.selection.pipeline import run_select
+
+    return run_select(config)
+
+
+def _wire(run: RunPaths) -> dict[str, object]:
+    return {
+        "scores": [run.output_of("score")],
+        "embeddings": [run.output_of("embed")],
+        "output": run.output_of("select"),
+    }
+
+
+def _actor_demand(config: SelectConfig) -> list[dict[str, float]]:
+    index = config.index
+    if not isinstance(index, RayIndexConfig):
+        return []
+    return [{"CPU": index.shard_num_cpus, "GPU": index.shard_num_gpus}]
+
+
+def _preflight(config: SelectConfig, joined_cluster: bool) -> None:
+    if isinstance(config.index, RayIndexConfig):
+        from deita_ray.selection.pipeline import check_stream_room
+
+        check_stream_room(config.index, joined_cluster)
+
+
+SELECT = register_stage(
+    Stage(
+        name="select",
+        help="Select a budget of high-score, diverse samples (Deita's greedy rule).",
+        description="Walk samples by score (highest first, ties by id) and accept one iff its cosine "
+        "similarity to every accepted sample is <= threshold, until the budget.",
+        config_type=SelectConfig,
+        summary_type=SelectReport,
+        run=_run,
+        reads=("score", "embed"),
+        wire=_wire,
+        complete_file="report.json",
+        actor_demand=_actor_demand,
+        preflight=_preflight,
+        cli_shortcuts={
+            "index": ("index.type",),
+            "num_shards": ("index.num_shards",),
+            "library": ("index.library",),
+        },
+    )
+)
