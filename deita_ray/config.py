@@ -72,6 +72,18 @@ class StrictConfig(BaseModel):
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+class StageConfig(StrictConfig):
+    """The fields every stage's config has besides its own: where it writes and how it joins Ray."""
+
+    output: str = Field(..., description="Output directory (local path or fsspec URI).")
+    ray_address: str | None = Field(
+        None, description="Ray cluster address ('auto', ray://...); default: connect or start local."
+    )
+    overwrite: bool = Field(
+        False, description="Delete an existing output made with a different config instead of refusing."
+    )
+
+
 class ResourcesConfig(StrictConfig):
     """Ray resources, as data: per model actor (scorer or embedder) and per CPU task.
 

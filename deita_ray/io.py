@@ -40,7 +40,10 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     missing: list[str] = []
     for pattern in patterns:
         fs, inner = filesystem(pattern)
-        matches = fs.glob(inner) if any(ch in inner for ch in "*?[") else ([inner] if fs.exists(inner) else [])
+        if any(ch in inner for ch in "*?["):
+            matches = fs.glob(inner)
+        else:
+            matches = [inner] if fs.exists(inner) else []
         files: list[str] = []
         for match in matches:
             if fs.isdir(match):

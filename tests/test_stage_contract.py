@@ -12,12 +12,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 from ray_cluster import ray_local  # noqa: F401
 from reference import mixed_pool
 
 from deita_ray import cli, io
-from deita_ray.config import Paths, StrictConfig, result_field
+from deita_ray.config import Paths, StageConfig, result_field
 from deita_ray.pipeline import RunConfig
 from deita_ray.runtime import markers
 from deita_ray.runtime.stage import (
@@ -33,14 +33,11 @@ from deita_ray.runtime.stage import (
 # --- a toy stage: upper-case one column of the scored shards -------------------------------------------
 
 
-class UpperConfig(StrictConfig):
-    """Upper-case one string column of every scored shard."""
+class UpperConfig(StageConfig):
+    """Upper-case one string column of every scored shard (runs in the driver: no actors)."""
 
     input: Paths = result_field(..., description="A `deita-ray score` output directory.")
-    output: str = Field(..., description="Output directory.")
     column: str = result_field("id", description="The column to upper-case.")
-    ray_address: str | None = Field(None, description="Unused: the toy stage runs in the driver.")
-    overwrite: bool = Field(False, description="Replace an output made with a different config.")
 
 
 class UpperSummary(StageSummary):
@@ -172,8 +169,8 @@ def test_result_fields_are_marked_once_and_fingerprints_follow() -> None:
     from deita_ray.embedding.config import EmbedConfig
     from deita_ray.scoring.config import ScoreConfig
 
-    score = ScoreConfig.model_validate({"input": "x", "output": "o", "complexity_model": "m",
-                                        "quality_model": "m", "backend": {"type": "vllm", "enforce_eager": True}})
+    fields = {"input": "x", "output": "o", "complexity_model": "m", "quality_model": "m"}
+    score = ScoreConfig.model_validate({**fields, "backend": {"type": "vllm", "enforce_eager": True}})
     assert score.result_fingerprint()["backend"] == {"type": "vllm"}  # backend options are not results
     assert "resources" not in score.result_fingerprint() and "batch_size" not in score.result_fingerprint()
     embed = EmbedConfig.model_validate({"input": "x", "output": "o", "model": "m",

@@ -7,7 +7,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from deita_ray.config import Device, DType, InputFormat, Paths, ResourcesConfig, StrictConfig, result_field
+from deita_ray.config import (
+    Device,
+    DType,
+    InputFormat,
+    Paths,
+    ResourcesConfig,
+    StageConfig,
+    StrictConfig,
+    result_field,
+)
 
 Template = Literal["vicuna", "plain"]
 
@@ -108,7 +117,7 @@ EmbedderConfig = Annotated[
 ]
 
 
-class EmbedConfig(StrictConfig):
+class EmbedConfig(StageConfig):
     """Everything `deita-ray embed` needs. Result fields change the embeddings and are checked against
     the output directory's config on resume; the others (resources, batch size) may change."""
 
@@ -118,7 +127,6 @@ class EmbedConfig(StrictConfig):
         description="A `deita-ray score` output directory (its scored shards are the work units), or raw "
         "pool files, directories or globs (local paths or fsspec URIs), planned as `score` plans them.",
     )
-    output: str = Field(..., description="Output directory (local path or fsspec URI).")
     input_format: InputFormat = result_field(
         "auto", description="Raw input only: force the format instead of detecting it per file."
     )
@@ -151,12 +159,6 @@ class EmbedConfig(StrictConfig):
         "float32", description="Stored vector type (float16 halves the size)."
     )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray resources.")
-    ray_address: str | None = Field(
-        None, description="Ray cluster address ('auto', ray://...); default: connect or start local."
-    )
-    overwrite: bool = Field(
-        False, description="Delete an existing output made with a different config instead of refusing."
-    )
 
     @field_validator("embedder", mode="before")
     @classmethod

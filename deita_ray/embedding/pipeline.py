@@ -47,6 +47,7 @@ from deita_ray.runtime.units import (
     tally_units,
     unit_pipeline,
     unit_row,
+    unit_summary_fields,
     unpack_unit_row,
 )
 
@@ -359,42 +360,34 @@ def build_dataset(config: EmbedConfig, pending: list[Unit]):
     )
 
 
-def summarize(config: EmbedConfig, units: list[Unit], timings: dict[str, float], run: RunProgress) -> EmbedSummary:
+def summarize(
+    config: EmbedConfig, units: list[Unit], timings: dict[str, float], run: RunProgress
+) -> EmbedSummary:
     counted = ("truncated", "tokens", "non_finite", "zero_norm")
     tally = tally_units(config.output, units, counted, done="embedded")
-    by_unit, totals, rejected = tally.markers, tally.totals, tally.rejected
-    dims = {m["dim"] for m in by_unit.values()}
+    dims = {m["dim"] for m in tally.markers.values()}
     if len(dims) > 1:
         raise AssertionError(f"units disagree on the embedding dimension: {sorted(dims)}")
     seconds = timings.get("embed_seconds", 0.0)
+    throughput = {
+        "samples_per_s": run.rows / seconds if seconds else None,
+        "tokens_per_s": run.tokens / seconds if seconds else None,
+        # The units after the first one embedded, over the time from that embedding to the last unit's
+        # arrival: excludes actor start-up and model load (None with fewer than two units this run).
+        "warm_samples_per_s": run.warm_rows / run.warm_seconds if run.warm_seconds else None,
+    }
     return EmbedSummary(
-        output=config.output,
-        input_rows=tally.planned_rows,
-        embedded=totals["embedded"],
-        rejected=sum(rejected.values()),
-        rejected_by_reason=dict(sorted(rejected.items())),
-        blank=totals["blank"],
-        truncated=totals["truncated"],
-        tokens=totals["tokens"],
-        non_finite=totals["non_finite"],
-        zero_norm=totals["zero_norm"],
+        **unit_summary_fields(config, units, tally, timings, run, throughput),
+        embedded=tally.totals["embedded"],
+        tokens=tally.totals["tokens"],
+        non_finite=tally.totals["non_finite"],
+        zero_norm=tally.totals["zero_norm"],
         dim=dims.pop() if dims else None,
-        max_length=next((m.get("max_length") for m in by_unit.values()), None),
+        max_length=next((m.get("max_length") for m in tally.markers.values()), None),
         normalized=config.normalize,
         embedding_dtype=config.embedding_dtype,
         model=config.model,
         kind=config.embedder.kind,
-        units=len(units),
-        units_this_run=run.units,
-        timings=timings,
-        throughput={
-            "samples_per_s": run.rows / seconds if seconds else None,
-            "tokens_per_s": run.tokens / seconds if seconds else None,
-            # The units after the first one embedded, over the time from that embedding to the last unit's
-            # arrival: excludes actor start-up and model load (None with fewer than two units this run).
-            "warm_samples_per_s": run.warm_rows / run.warm_seconds if run.warm_seconds else None,
-        },
-        config=config.model_dump(mode="json"),
     )
 
 

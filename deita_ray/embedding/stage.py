@@ -5,13 +5,7 @@ from __future__ import annotations
 from deita_ray.config import check_model_reference
 from deita_ray.embedding.config import EmbedConfig
 from deita_ray.embedding.summary import EmbedSummary
-from deita_ray.runtime.stage import RunPaths, Stage, register_stage
-
-
-def _run(config: EmbedConfig) -> EmbedSummary:
-    from deita_ray.embedding.pipeline import run_embed
-
-    return run_embed(config)
+from deita_ray.runtime.stage import RunPaths, Stage, lazy, register_stage
 
 
 def _wire(run: RunPaths) -> dict[str, object]:
@@ -25,7 +19,7 @@ EMBED = register_stage(
         description="Embed every sample (one vector per conversation) for the diversity-aware selection.",
         config_type=EmbedConfig,
         summary_type=EmbedSummary,
-        run=_run,
+        run=lazy("deita_ray.embedding.pipeline:run_embed"),
         reads=("score",),
         wire=_wire,
         actor_demand=lambda config: [config.resources.actor_demand()],

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from deita_ray.runtime.stage import StageSummary
+from deita_ray.runtime.units import UnitSummary
 
 
-class EmbedSummary(StageSummary):
+class EmbedSummary(UnitSummary):
     stage: ClassVar[str] = "embed"
 
-    output: str
-    input_rows: int
     embedded: int
-    rejected: int
-    rejected_by_reason: dict[str, int]
-    blank: int
-    truncated: int
     tokens: int
     non_finite: int
     zero_norm: int
@@ -26,11 +20,6 @@ class EmbedSummary(StageSummary):
     embedding_dtype: str
     model: str
     kind: str
-    units: int
-    units_this_run: int
-    timings: dict[str, float]
-    throughput: dict[str, float | None]
-    config: dict[str, Any]
 
     def line(self) -> str:
         return (
@@ -40,9 +29,9 @@ class EmbedSummary(StageSummary):
     def report_lines(self) -> list[str]:
         out = self.output
         return [
-            f"embedded {self.embedded} / {self.input_rows} rows with {self.kind} {self.model} (dim {self.dim}, "
-            f"normalized {self.normalized}, {self.embedding_dtype}; rejected {self.rejected}, blank "
-            f"{self.blank}, truncated {self.truncated})",
+            f"embedded {self.embedded} / {self.input_rows} rows with {self.kind} {self.model} "
+            f"(dim {self.dim}, normalized {self.normalized}, {self.embedding_dtype}; "
+            f"rejected {self.rejected}, blank {self.blank}, truncated {self.truncated})",
             *(f"  rejected {reason}: {count}" for reason, count in self.rejected_by_reason.items()),
             f"outputs: {out}/embeddings/  {out}/rejects/  {out}/summary.json",
         ]

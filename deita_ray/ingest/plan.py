@@ -208,5 +208,7 @@ def attach_duplicates(units: list[Unit], duplicates: dict[int, dict[int, str]]) 
     for unit in units:
         in_file = duplicates.get(unit.file_index, {})
         unit.duplicates = {
-            row: winner for row, winner in in_file.items() if unit.first_row <= row < unit.first_row + unit.n_rows
+            row: winner
+            for row, winner in in_file.items()
+            if unit.first_row <= row < unit.first_row + unit.n_rows
         }

@@ -210,4 +210,5 @@ def scoring_pairs(conversations: list[dict[str, str]]) -> list[tuple[str, str]]:
 def id_hash(sample_id: str) -> tuple[int, int]:
     """128-bit hash of an id as two signed int64 (for compact duplicate detection over huge pools)."""
     digest = hashlib.blake2b(sample_id.encode("utf-8"), digest_size=16).digest()
-    return int.from_bytes(digest[:8], "little", signed=True), int.from_bytes(digest[8:], "little", signed=True)
+    low, high = digest[:8], digest[8:]
+    return int.from_bytes(low, "little", signed=True), int.from_bytes(high, "little", signed=True)

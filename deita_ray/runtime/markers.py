@@ -26,7 +26,8 @@ def marker_path(root: str, unit_id: str) -> str:
 
 
 def completed_units(root: str) -> set[str]:
-    return {path.rsplit("/", 1)[-1][: -len(".json")] for path in io.list_files(f"{root}/{MARKER_DIR}", ".json")}
+    paths = io.list_files(f"{root}/{MARKER_DIR}", ".json")
+    return {path.rsplit("/", 1)[-1][: -len(".json")] for path in paths}
 
 
 def read_markers(root: str) -> list[dict[str, Any]]:

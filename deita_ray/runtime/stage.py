@@ -36,6 +36,14 @@ from deita_ray.config import StrictConfig
 logger = logging.getLogger("deita_ray")
 
 POOL = "pool"  # what a stage reads when it reads the run's input rather than an upstream stage
+# The CLI shortcuts of a stage whose model actors take `resources: ResourcesConfig`.
+RESOURCE_SHORTCUTS: dict[str, tuple[str, ...]] = {
+    "num_actors": ("resources.min_actors", "resources.max_actors"),
+    "min_actors": ("resources.min_actors",),
+    "max_actors": ("resources.max_actors",),
+    "num_gpus": ("resources.actor_num_gpus",),
+    "num_cpus": ("resources.actor_num_cpus",),
+}
 
 
 class StageSummary(BaseModel):
@@ -112,6 +120,18 @@ class Stage:
 
     def load_summary(self, output: str) -> StageSummary:
         return self.summary_type.model_validate(io.read_json(f"{output}/{self.complete_file}"))
+
+
+def lazy(target: str) -> Callable[..., Any]:
+    """A function given as "module:name", imported on the first call: registering a stage must not
+    import its pipeline (and with it torch, vLLM or Ray)."""
+    module, _, name = target.partition(":")
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
 _REGISTRY: dict[str, Stage] = {}

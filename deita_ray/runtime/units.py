@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from deita_ray import io
 from deita_ray.ingest.plan import Unit
 from deita_ray.runtime import markers
+from deita_ray.runtime.stage import StageSummary
 
 if TYPE_CHECKING:
     from deita_ray.config import ResourcesConfig
@@ -204,6 +205,40 @@ def tally_units(output: str, units: list[Unit], counted: tuple[str, ...], done: 
             f"{done} {totals[done]} + rejected {n_rejected} + blank {totals['blank']}"
         )
     return UnitTally(markers=by_unit, totals=totals, rejected=rejected, planned_rows=planned_rows)
+
+
+class UnitSummary(StageSummary):
+    """What every unit stage's summary holds; each stage adds its own counts (scored, embedded, ...)."""
+
+    output: str
+    input_rows: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    blank: int
+    truncated: int
+    units: int
+    units_this_run: int
+    timings: dict[str, float]
+    throughput: dict[str, float | None]
+    config: dict[str, Any]
+
+
+def unit_summary_fields(config: Any, units: list[Unit], tally: UnitTally, timings: dict[str, float],
+                        run: RunProgress, throughput: dict[str, float | None]) -> dict[str, Any]:
+    """The `UnitSummary` fields of a finished unit stage, from its tally and this run's progress."""
+    return {
+        "output": config.output,
+        "input_rows": tally.planned_rows,
+        "rejected": sum(tally.rejected.values()),
+        "rejected_by_reason": dict(sorted(tally.rejected.items())),
+        "blank": tally.totals["blank"],
+        "truncated": tally.totals["truncated"],
+        "units": len(units),
+        "units_this_run": run.units,
+        "timings": timings,
+        "throughput": throughput,
+        "config": config.model_dump(mode="json"),
+    }
 
 
 @dataclass

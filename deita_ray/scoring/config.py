@@ -7,7 +7,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from deita_ray.config import DType, InputFormat, Paths, ResourcesConfig, StrictConfig, result_field
+from deita_ray.config import (
+    DType,
+    InputFormat,
+    Paths,
+    ResourcesConfig,
+    StageConfig,
+    StrictConfig,
+    result_field,
+)
 
 
 class TransformersBackendConfig(StrictConfig):
@@ -98,14 +106,13 @@ BackendConfig = Annotated[
 ]
 
 
-class ScoreConfig(StrictConfig):
+class ScoreConfig(StageConfig):
     """Everything `deita-ray score` needs. Result fields change the scores and are checked against the
     output directory's config on resume; the others (resources, Ray address) may change."""
 
     input: Paths = result_field(
         ..., min_length=1, description="Input files, directories or globs (local paths or fsspec URIs)."
     )
-    output: str = Field(..., description="Output directory (local path or fsspec URI).")
     input_format: InputFormat = result_field(
         "auto", description="Force the input format instead of detecting it per file."
     )
@@ -143,12 +150,6 @@ class ScoreConfig(StrictConfig):
     )
     rows_per_shard: int = result_field(1000, gt=0, description="Input rows per work unit / output shard.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray resources.")
-    ray_address: str | None = Field(
-        None, description="Ray cluster address ('auto', ray://...); default: connect or start local."
-    )
-    overwrite: bool = Field(
-        False, description="Delete an existing output made with a different config instead of refusing."
-    )
 
     @field_validator("backend", mode="before")
     @classmethod

@@ -2,14 +2,14 @@
 
     plan (one task per input file)  →  units of `rows_per_shard` rows, duplicate ids
     Ray Data over pending units:
-      ReadUnitStage   (tasks, ingest/read.py)   read rows → canonical records | rejects (validation, duplicates)
+      ReadUnitStage   (tasks)   read rows → canonical records | rejects (validation, duplicates); ingest/
       ScoreStage      (actors)  explode to (turn, score type) prompts → batched scorer → regroup
       WriteUnitStage  (tasks)   scored/<unit>.parquet, rejects/<unit>.parquet, then _done/<unit>.json
     summary.json (counts per reject reason, accounting identity checked, throughput)
 
-A Ray Data row is one work unit (typed columns, see runtime/units.py), so a unit's prompts are scored together and
-regrouped without a shuffle, memory stays bounded by the units in flight, and each output shard
-has a stable identity for resume.
+A Ray Data row is one work unit (typed columns, see runtime/units.py), so a unit's prompts are scored
+together and regrouped without a shuffle, memory stays bounded by the units in flight, and each output
+shard has a stable identity for resume.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from deita_ray.runtime.units import (
     run_unit_stage,
     tally_units,
     unit_pipeline,
+    unit_summary_fields,
     unpack_unit_row,
 )
 from deita_ray.scoring.config import ScoreConfig
@@ -181,27 +182,19 @@ def build_dataset(config: ScoreConfig, pending: list[Unit]):
     )
 
 
-def summarize(config: ScoreConfig, units: list[Unit], timings: dict[str, float], run: RunProgress) -> ScoreSummary:
+def summarize(
+    config: ScoreConfig, units: list[Unit], timings: dict[str, float], run: RunProgress
+) -> ScoreSummary:
     tally = tally_units(config.output, units, ("truncated", "prompt_tokens"), done="scored")
-    totals, rejected = tally.totals, tally.rejected
     seconds = timings.get("score_seconds", 0.0)
+    throughput = {
+        "samples_per_s": run.rows / seconds if seconds else None,
+        "prompt_tokens_per_s": run.tokens / seconds if seconds else None,
+    }
     return ScoreSummary(
-        output=config.output,
-        input_rows=tally.planned_rows,
-        scored=totals["scored"],
-        rejected=sum(rejected.values()),
-        rejected_by_reason=dict(sorted(rejected.items())),
-        blank=totals["blank"],
-        truncated=totals["truncated"],
-        prompt_tokens=totals["prompt_tokens"],
-        units=len(units),
-        units_this_run=run.units,
-        timings=timings,
-        throughput={
-            "samples_per_s": run.rows / seconds if seconds else None,
-            "prompt_tokens_per_s": run.tokens / seconds if seconds else None,
-        },
-        config=config.model_dump(mode="json"),
+        **unit_summary_fields(config, units, tally, timings, run, throughput),
+        scored=tally.totals["scored"],
+        prompt_tokens=tally.totals["prompt_tokens"],
     )
 
 

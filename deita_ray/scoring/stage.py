@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 from deita_ray.config import check_model_reference
-from deita_ray.runtime.stage import POOL, Stage, register_stage
+from deita_ray.runtime.stage import POOL, Stage, lazy, register_stage
 from deita_ray.scoring.config import ScoreConfig
 from deita_ray.scoring.summary import ScoreSummary
-
-
-def _run(config: ScoreConfig) -> ScoreSummary:
-    from deita_ray.scoring.pipeline import run_score
-
-    return run_score(config)
 
 
 def _check(config: ScoreConfig, where: str) -> None:
@@ -28,7 +22,7 @@ SCORE = register_stage(
         description="Score every sample (per-turn complexity and quality, evol score).",
         config_type=ScoreConfig,
         summary_type=ScoreSummary,
-        run=_run,
+        run=lazy("deita_ray.scoring.pipeline:run_score"),
         reads=(POOL,),
         wire=lambda run: {"input": run.input, "output": run.output_of("score")},
         actor_demand=lambda config: [config.resources.actor_demand()],

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from deita_ray.runtime.stage import StageSummary
+from deita_ray.runtime.units import UnitSummary
 
 
-class ScoreSummary(StageSummary):
+class ScoreSummary(UnitSummary):
     stage: ClassVar[str] = "score"
 
-    output: str
-    input_rows: int
     scored: int
-    rejected: int
-    rejected_by_reason: dict[str, int]
-    blank: int
-    truncated: int
     prompt_tokens: int
-    units: int
-    units_this_run: int
-    timings: dict[str, float]
-    throughput: dict[str, float | None]
-    config: dict[str, Any]
 
     def line(self) -> str:
         return f"{self.scored} scored, {self.rejected} rejected, {self.blank} blank of {self.input_rows} rows"

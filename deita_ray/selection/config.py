@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from deita_ray.config import Device, Paths, StrictConfig, result_field
+from deita_ray.config import Device, Paths, StageConfig, StrictConfig, result_field
 
 
 class LocalIndexConfig(StrictConfig):
@@ -53,7 +53,7 @@ class RayIndexConfig(StrictConfig):
 IndexConfig = Annotated[LocalIndexConfig | RayIndexConfig, Field(discriminator="type")]
 
 
-class SelectConfig(StrictConfig):
+class SelectConfig(StageConfig):
     """Everything `deita-ray select` needs: Deita's score-first, diversity-aware greedy selection.
     Result fields determine the selection; chunking, index and resources do not."""
 
@@ -69,7 +69,6 @@ class SelectConfig(StrictConfig):
         description="A `deita-ray embed` output directory, or Parquet files with `id` and "
         "`embedding` (list of floats).",
     )
-    output: str = Field(..., description="Output directory (local path or fsspec URI).")
     budget: int = result_field(..., gt=0, description="Samples to select.")
     threshold: float = result_field(
         0.9,
@@ -95,12 +94,6 @@ class SelectConfig(StrictConfig):
     plots: bool = Field(True, description="Write PNG plots next to report.json.")
     checkpoint_interval_s: float = Field(
         30.0, ge=0, description="Seconds between checkpoints of the scan (cursor + accepted set)."
-    )
-    ray_address: str | None = Field(
-        None, description="Ray cluster address ('auto', ray://...); default: connect or start local."
-    )
-    overwrite: bool = Field(
-        False, description="Delete an existing output made with a different config instead of refusing."
     )
 
     @field_validator("index", mode="before")

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-from deita_ray.runtime.stage import RunPaths, Stage, register_stage
+from deita_ray.runtime.stage import RunPaths, Stage, lazy, register_stage
 from deita_ray.selection.config import RayIndexConfig, SelectConfig
 from deita_ray.selection.summary import SelectReport
-
-
-def _run(config: SelectConfig) -> SelectReport:
-    from deita_ray.selection.pipeline import run_select
-
-    return run_select(config)
 
 
 def _wire(run: RunPaths) -> dict[str, object]:
@@ -43,7 +37,7 @@ SELECT = register_stage(
         "similarity to every accepted sample is <= threshold, until the budget.",
         config_type=SelectConfig,
         summary_type=SelectReport,
-        run=_run,
+        run=lazy("deita_ray.selection.pipeline:run_select"),
         reads=("score", "embed"),
         wire=_wire,
         complete_file="report.json",

@@ -47,9 +47,9 @@ class SelectReport(StageSummary):
     def report_lines(self) -> list[str]:
         pool, out = self.pool, self.output
         return [
-            f"selected {self.selected} / budget {self.budget} (τ={self.threshold}): scanned {self.scanned} of "
-            f"{pool['candidates']} candidates, {self.rejected_by_similarity} rejected as too similar; "
-            f"{pool['excluded']} pool rows excluded",
+            f"selected {self.selected} / budget {self.budget} (τ={self.threshold}): scanned "
+            f"{self.scanned} of {pool['candidates']} candidates, {self.rejected_by_similarity} rejected as "
+            f"too similar; {pool['excluded']} pool rows excluded",
             *(f"  excluded {reason}: {count}" for reason, count in pool["excluded_by_reason"].items()),
             *([f"note: {self.note}"] if self.note else []),
             f"outputs: {out}/selected.jsonl  {out}/selected.parquet  {out}/report.json  {out}/plots/",
