@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 VOLATILE = {"timings", "throughput", "output", "files", "plots"}
@@ -34,7 +33,9 @@ def run_demo(tree: Path, out: Path, model: Path, budget: int) -> None:
 
 
 def scored(run: Path) -> pa.Table:
-    table = pa.concat_tables([pq.read_table(p) for p in sorted((run / "score" / "scored").glob("*.parquet"))])
+    from deita_ray import io
+
+    table = io.read_parquet_dir(str(run / "score" / "scored"))
     names = pa.array([Path(p).name for p in table.column("source_file").to_pylist()], pa.string())
     return table.set_column(table.schema.get_field_index("source_file"), "source_file", names).sort_by("id")
 
@@ -52,25 +53,30 @@ def report(run: Path) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--base", default="HEAD", help="git revision to compare the working tree with")
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument("--work", default="/tmp/deita_ray_compare")
+    parser.add_argument("--compare-only", action="store_true", help="compare the runs already in --work")
     args = parser.parse_args()
     work = Path(args.work)
-    subprocess.run(["rm", "-rf", str(work)], check=True)
-    work.mkdir(parents=True)
     sys.path.insert(0, str(REPO))
-    from deita_ray.testing.tiny_llama import build_tiny_llama
+    if not args.compare_only:
+        from deita_ray.testing.tiny_llama import build_tiny_llama
 
-    model = build_tiny_llama(work / "tiny_llama", seed=0)
-    base_tree = work / "base_tree"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base_tree), args.base], check=True)
-    try:
-        run_demo(base_tree, work / "base", model, args.budget)
-        run_demo(REPO, work / "head", model, args.budget)
-    finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_tree)], check=False)
+        subprocess.run(["rm", "-rf", str(work)], check=True)
+        work.mkdir(parents=True)
+        model = build_tiny_llama(work / "tiny_llama", seed=0)
+        base_tree = work / "base_tree"
+        add = ["git", "-C", str(REPO), "worktree", "add", "--detach", str(base_tree), args.base]
+        subprocess.run(add, check=True)
+        try:
+            run_demo(base_tree, work / "base", model, args.budget)
+            run_demo(REPO, work / "head", model, args.budget)
+        finally:
+            remove = ["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_tree)]
+            subprocess.run(remove, check=False)
     checks = {
         "scored parquet": scored(work / "base").equals(scored(work / "head")),
         "selected.jsonl": selected(work / "base") == selected(work / "head"),

@@ -69,7 +69,9 @@ def main() -> None:
 
     # 1. Ray Data pipeline
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
-    markers.claim_output(config.output, config.result_fingerprint(), config.model_dump(mode="json"), False, ())
+    markers.claim_output(
+        config.output, config.result_fingerprint(), config.model_dump(mode="json"), False, ()
+    )
     start = time.perf_counter()
     units = plan_embed_units(config, None, None)
     embedded_at = []  # (wall time the actor finished embedding the unit, unit id)
@@ -87,9 +89,14 @@ def main() -> None:
     vectors = dict(zip(embedded.column("id").to_pylist(), matrix, strict=True))
     # The warm units' rows, in plan order (what the bare encode gets too).
     warm_units = {unit_id for _, unit_id in embedded_at} - {first_unit}
-    warm_ids = [sample_id for unit in units if unit.unit_id in warm_units
-                for sample_id in pq.read_table(f"{config.output}/embeddings/{unit.unit_id}.parquet",
-                                               columns=["id"]).column("id").to_pylist()]
+    warm_ids = [
+        sample_id
+        for unit in units
+        if unit.unit_id in warm_units
+        for sample_id in pq.read_table(f"{config.output}/embeddings/{unit.unit_id}.parquet", columns=["id"])
+        .column("id")
+        .to_pylist()
+    ]
     warm_texts = [texts[i] for i in warm_ids]
 
     # 2. bare encode on the same texts, same batch size and threads
@@ -104,8 +111,12 @@ def main() -> None:
 
     n, warm_n = len(rows), len(warm_ids)
     result = {
-        "model": "all-MiniLM-L6-v2" if args.model is None else model, "samples": n, "threads": args.threads,
-        "batch_size": args.batch_size, "rows_per_shard": args.rows_per_shard, "units": len(units),
+        "model": "all-MiniLM-L6-v2" if args.model is None else model,
+        "samples": n,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "rows_per_shard": args.rows_per_shard,
+        "units": len(units),
         "warm_rows": warm_n,
         "pipeline_cold": {"seconds": cold_s, "samples_per_s": n / cold_s},
         "pipeline_warm": {"seconds": warm_s, "samples_per_s": warm_n / warm_s},

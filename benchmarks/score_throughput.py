@@ -25,7 +25,9 @@ import torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="tiny", help="'tiny' (random 2-layer Llama), 'smollm2', or a path")
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -56,8 +58,12 @@ def main() -> None:
     rows = demo_rows(args.samples)
     write_pool_by_format(workdir / "pool", rows)  # formats are detected per file
     config = ScoreConfig(
-        input=[str(workdir / "pool")], output=str(workdir / "out"), complexity_model=model,
-        quality_model=model, batch_size=args.batch_size, max_model_len=args.max_model_len,
+        input=[str(workdir / "pool")],
+        output=str(workdir / "out"),
+        complexity_model=model,
+        quality_model=model,
+        batch_size=args.batch_size,
+        max_model_len=args.max_model_len,
         rows_per_shard=args.rows_per_shard,
         backend={"type": "transformers", "torch_threads": args.threads},
         resources={"actor_num_cpus": 1, "task_num_cpus": 0.25},
@@ -85,7 +91,10 @@ def main() -> None:
         for turns in conversations:
             c, q = [], []
             for instruction, response in scoring_pairs(turns):
-                for out, fn, fields in ((c, complexity_prompt, (instruction,)), (q, quality_prompt, (instruction, response))):
+                for out, fn, fields in (
+                    (c, complexity_prompt, (instruction,)),
+                    (q, quality_prompt, (instruction, response)),
+                ):
                     ids, _ = encode_prompt(tokenizer, fn, fields, limit, "middle")
                     logits = net(torch.tensor([ids])).logits[0, -1, digits].double()
                     out.append(float((torch.softmax(logits, -1) * torch.arange(1, 7)).sum()))
@@ -102,7 +111,9 @@ def main() -> None:
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     from deita_ray.runtime import markers
 
-    markers.claim_output(config.output, config.result_fingerprint(), config.model_dump(mode="json"), False, ())
+    markers.claim_output(
+        config.output, config.result_fingerprint(), config.model_dump(mode="json"), False, ()
+    )
     start = time.perf_counter()
     units = plan_units(config)
     finish_times, unit_rows, unit_tokens = [], [], []
@@ -123,13 +134,23 @@ def main() -> None:
 
     n = len(rows)
     result = {
-        "model": args.model, "samples": n, "prompt_tokens": tokens, "threads": args.threads,
+        "model": args.model,
+        "samples": n,
+        "prompt_tokens": tokens,
+        "threads": args.threads,
         "batch_size": args.batch_size,
-        "reference": {"seconds": reference_s, "samples_per_s": n / reference_s, "tokens_per_s": tokens / reference_s},
+        "reference": {
+            "seconds": reference_s,
+            "samples_per_s": n / reference_s,
+            "tokens_per_s": tokens / reference_s,
+        },
         "batched": {"seconds": batched_s, "samples_per_s": n / batched_s, "tokens_per_s": tokens / batched_s},
         "pipeline_cold": {"seconds": cold_s, "samples_per_s": n / cold_s},
-        "pipeline_warm": {"seconds": warm_s, "samples_per_s": warm_rows / warm_s,
-                          "tokens_per_s": warm_tokens / warm_s},
+        "pipeline_warm": {
+            "seconds": warm_s,
+            "samples_per_s": warm_rows / warm_s,
+            "tokens_per_s": warm_tokens / warm_s,
+        },
         "ratio_batched_vs_reference": reference_s / batched_s,
         "ratio_pipeline_warm_vs_batched_tokens_per_s": (warm_tokens / warm_s) / (tokens / batched_s),
         "max_abs_diff_evol_reference_vs_batched": max_diff,

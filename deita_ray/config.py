@@ -82,6 +82,13 @@ class StageConfig(StrictConfig):
     overwrite: bool = Field(
         False, description="Delete an existing output made with a different config instead of refusing."
     )
+    stall_warning_s: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds without progress (no unit finished) after which the run reports "
+        "what it is waiting for: the Ray resources free and the demand that cannot be placed. Repeated at "
+        "this interval; the run keeps waiting (an autoscaler may still add nodes).",
+    )
 
 
 class ResourcesConfig(StrictConfig):
@@ -138,6 +145,11 @@ class ResourcesConfig(StrictConfig):
     def actor_demand(self) -> dict[str, float]:
         """What one model actor asks Ray for."""
         return {"CPU": self.actor_num_cpus, "GPU": self.actor_num_gpus, **self.actor_resources}
+
+    def pipeline_demand(self) -> list[dict[str, float]]:
+        """What a unit stage needs at once to make progress: its smallest actor pool and one read/write
+        task beside it (without the task, units would wait forever for a CPU the actors hold)."""
+        return [self.actor_demand()] * self.min_actors + [{"CPU": self.task_num_cpus}]
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

@@ -24,7 +24,9 @@ def load_reference(path):
     """(model, tokenizer) in float32, eval mode, straight from transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval(), AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval(), AutoTokenizer.from_pretrained(
+        path
+    )
 
 
 @torch.inference_mode()

@@ -471,7 +471,9 @@ def test_openai_backend_works_from_inside_a_running_event_loop(monkeypatch):
 
 # --- (c) both backends through the full Ray Data pipeline, three input formats ------------------------
 @pytest.mark.integration
-def test_pipeline_with_vllm_and_openai_backends_equals_reference(vllm_server, model_dir, tmp_path, monkeypatch):
+def test_pipeline_with_vllm_and_openai_backends_equals_reference(
+    vllm_server, model_dir, tmp_path, monkeypatch
+):
     """Alpaca, ShareGPT multi-turn and messages inputs scored by scorer actors running the vLLM
     engine, and by actors calling the real endpoint, equal the one-prompt-at-a-time reference."""
     import ray
@@ -486,15 +488,28 @@ def test_pipeline_with_vllm_and_openai_backends_equals_reference(vllm_server, mo
     monkeypatch.setenv(API_KEY_ENV, API_KEY)
     ray.shutdown()  # a fresh local Ray: its workers inherit the key from this environment
     start_local_ray()
-    common = {"input": [str(directory)], "complexity_model": str(model_dir), "quality_model": str(model_dir),
-              "max_model_len": MAX_MODEL_LEN, "dtype": "float32", "rows_per_shard": 4}
+    common = {
+        "input": [str(directory)],
+        "complexity_model": str(model_dir),
+        "quality_model": str(model_dir),
+        "max_model_len": MAX_MODEL_LEN,
+        "dtype": "float32",
+        "rows_per_shard": 4,
+    }
     try:
         vllm_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-        deita_ray.score(output=str(tmp_path / "vllm"), backend={"type": "vllm", "enforce_eager": True},
-                        resources={"scorer_num_cpus": 0.5, "scorer_env": vllm_env}, **common)
-        deita_ray.score(output=str(tmp_path / "openai"),
-                        backend={"type": "openai", "base_url": vllm_server.base_url, "api_key_env": API_KEY_ENV},
-                        resources={"scorer_num_cpus": 0.5}, **common)
+        deita_ray.score(
+            output=str(tmp_path / "vllm"),
+            backend={"type": "vllm", "enforce_eager": True},
+            resources={"scorer_num_cpus": 0.5, "scorer_env": vllm_env},
+            **common,
+        )
+        deita_ray.score(
+            output=str(tmp_path / "openai"),
+            backend={"type": "openai", "base_url": vllm_server.base_url, "api_key_env": API_KEY_ENV},
+            resources={"scorer_num_cpus": 0.5},
+            **common,
+        )
     finally:
         ray.shutdown()
     reference = load_reference(model_dir)

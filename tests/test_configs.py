@@ -132,17 +132,26 @@ def test_cli_names_an_unset_variable(tmp_path, capsys, monkeypatch):
 
 def test_unknown_key_is_named():
     with pytest.raises(ValidationError, match="complexity_modle"):
-        ScoreConfig.model_validate({"input": ["x"], "output": "o", "complexity_modle": "m", "quality_model": "m",
-                                    "complexity_model": "m"})
+        ScoreConfig.model_validate(
+            {
+                "input": ["x"],
+                "output": "o",
+                "complexity_modle": "m",
+                "quality_model": "m",
+                "complexity_model": "m",
+            }
+        )
 
 
 def test_backend_shorthand_and_discriminator():
-    config = ScoreConfig.model_validate({"input": "x", "output": "o", "complexity_model": "m",
-                                         "quality_model": "m", "backend": "vllm"})
+    config = ScoreConfig.model_validate(
+        {"input": "x", "output": "o", "complexity_model": "m", "quality_model": "m", "backend": "vllm"}
+    )
     assert config.backend.type == "vllm" and config.backend.enable_prefix_caching
     with pytest.raises(ValidationError, match="base_url"):
-        ScoreConfig.model_validate({"input": "x", "output": "o", "complexity_model": "m",
-                                    "quality_model": "m", "backend": "openai"})
+        ScoreConfig.model_validate(
+            {"input": "x", "output": "o", "complexity_model": "m", "quality_model": "m", "backend": "openai"}
+        )
 
 
 def test_fingerprint_ignores_resources():

@@ -154,7 +154,9 @@ def test_plan_jsonl_with_blank_and_broken_lines(tmp_path: Path):
     assert_units_cover(units, len(lines))
     assert [u["n_rows"] for u in units] == [3, 3, 3, 2]
     assert [u["unit_id"] for u in units] == ["00003-000000", "00003-000001", "00003-000002", "00003-000003"]
-    assert all(u["kind"] == "jsonl" and u["format"] == "alpaca" and u["read_path"] == str(path) for u in units)
+    assert all(
+        u["kind"] == "jsonl" and u["format"] == "alpaca" and u["read_path"] == str(path) for u in units
+    )
     # Byte ranges tile the file.
     assert units[0]["byte_start"] == 0 and units[-1]["byte_end"] is None
     assert all(a["byte_end"] == b["byte_start"] for a, b in itertools.pairwise(units))
@@ -187,7 +189,9 @@ def test_plan_jsonl_without_trailing_newline_and_crlf(tmp_path: Path):
 
 def test_plan_utf8_bom(tmp_path: Path):
     rows = [alpaca(0), alpaca(1)]
-    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    (tmp_path / "bom.jsonl").write_bytes(
+        b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode()
+    )
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=2).encode())
     assert io.source_kind(str(tmp_path / "bom.json")) == "json"
     for name in ("bom.jsonl", "bom.json"):
@@ -208,8 +212,16 @@ def test_plan_gzipped_jsonl_and_json(tmp_path: Path):
 
 
 def test_plan_json_array_is_staged_as_jsonl(tmp_path: Path):
-    rows = [{"conversations": [{"from": "human", "value": f"Q{i}\nsecond line"}, {"from": "gpt", "value": "A"}],
-             "id": i} for i in range(8)]
+    rows = [
+        {
+            "conversations": [
+                {"from": "human", "value": f"Q{i}\nsecond line"},
+                {"from": "gpt", "value": "A"},
+            ],
+            "id": i,
+        }
+        for i in range(8)
+    ]
     rows[4] = "not an object"
     path = tmp_path / "array.json"
     path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
@@ -217,8 +229,9 @@ def test_plan_json_array_is_staged_as_jsonl(tmp_path: Path):
     plan = plan_file(1, str(path), str(staging), 3, "auto", "id")
     units = plan["units"]
     assert_units_cover(units, 8)
-    assert all(u["source_file"] == str(path) and u["kind"] == "jsonl" and u["format"] == "sharegpt"
-               for u in units)
+    assert all(
+        u["source_file"] == str(path) and u["kind"] == "jsonl" and u["format"] == "sharegpt" for u in units
+    )
     (read_path,) = {u["read_path"] for u in units}
     assert read_path.startswith(str(staging)) and Path(read_path).exists()
     assert read_units(units) == list(enumerate(rows))
@@ -247,9 +260,14 @@ def test_plan_invalid_json_array_names_the_file(tmp_path: Path):
 
 
 def test_plan_parquet_several_row_groups(tmp_path: Path):
-    rows = [{"id": i if i % 5 else None, "messages": [{"role": "user", "content": f"Q{i}"},
-                                                        {"role": "assistant", "content": f"A{i}"}],
-             "score": float(i)} for i in range(23)]
+    rows = [
+        {
+            "id": i if i % 5 else None,
+            "messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}],
+            "score": float(i),
+        }
+        for i in range(23)
+    ]
     path = tmp_path / "pool.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=7)
     assert pq.ParquetFile(path).metadata.num_row_groups == 4
@@ -294,8 +312,16 @@ def test_find_duplicates_first_occurrence_wins_across_files(tmp_path: Path):
     f0 = write_jsonl(tmp_path / "f0.jsonl", [json.dumps(alpaca(i)) for i in (1, 2, 3, 2, 9)])
     # file 1: row 0 duplicates f0 row 4 (a later row of an earlier file still wins), content-hash dups.
     no_id = {"instruction": "same", "output": "same"}
-    f1 = write_jsonl(tmp_path / "f1.jsonl", [json.dumps(alpaca(9)), json.dumps(no_id), "", json.dumps(no_id),
-                                             json.dumps(alpaca(1, note="different content, same id"))])
+    f1 = write_jsonl(
+        tmp_path / "f1.jsonl",
+        [
+            json.dumps(alpaca(9)),
+            json.dumps(no_id),
+            "",
+            json.dumps(no_id),
+            json.dumps(alpaca(1, note="different content, same id")),
+        ],
+    )
     plans = [plan_file(i, str(p), str(tmp_path), 2, "auto", "id") for i, p in enumerate([f0, f1])]
     dups = find_duplicates(plans)
     assert dups == {
@@ -307,21 +333,33 @@ def test_find_duplicates_first_occurrence_wins_across_files(tmp_path: Path):
     units = [Unit.from_dict(u) for p in plans for u in p["units"]]
     attach_duplicates(units, dups)
     by_unit = {(u.file_index, u.first_row): u.duplicates for u in units}
-    assert by_unit == {(0, 0): {}, (0, 2): {3: f"{f0}:1"}, (0, 4): {}, (1, 0): {0: f"{f0}:4"},
-                       (1, 2): {3: f"{f1}:1"}, (1, 4): {4: f"{f0}:0"}}
+    assert by_unit == {
+        (0, 0): {},
+        (0, 2): {3: f"{f0}:1"},
+        (0, 4): {},
+        (1, 0): {0: f"{f0}:4"},
+        (1, 2): {3: f"{f1}:1"},
+        (1, 4): {4: f"{f0}:0"},
+    }
 
 
 def test_find_duplicates_many_way():
     def fake_plan(file_index: int, ids: list[str]) -> dict:
         hashes = [id_hash(i) for i in ids]
-        return {"file_index": file_index, "n_rows": len(ids),
-                "units": [{"source_file": f"f{file_index}"}],
-                "h1": np.array([h[0] for h in hashes], dtype=np.int64),
-                "h2": np.array([h[1] for h in hashes], dtype=np.int64),
-                "rows": np.arange(len(ids), dtype=np.int64)}
+        return {
+            "file_index": file_index,
+            "n_rows": len(ids),
+            "units": [{"source_file": f"f{file_index}"}],
+            "h1": np.array([h[0] for h in hashes], dtype=np.int64),
+            "h2": np.array([h[1] for h in hashes], dtype=np.int64),
+            "rows": np.arange(len(ids), dtype=np.int64),
+        }
 
-    plans = [fake_plan(0, ["x", "y", "x", "z", "x"]), fake_plan(1, ["y", "x", "w", "y"]),
-             fake_plan(2, ["z", "z", "z"])]
+    plans = [
+        fake_plan(0, ["x", "y", "x", "z", "x"]),
+        fake_plan(1, ["y", "x", "w", "y"]),
+        fake_plan(2, ["z", "z", "z"]),
+    ]
     assert find_duplicates(plans) == {
         0: {2: "f0:0", 4: "f0:0"},
         1: {0: "f0:1", 1: "f0:0", 3: "f0:1"},
@@ -333,12 +371,18 @@ def test_find_duplicates_many_way():
 
 
 def test_find_duplicates_uses_id_field(tmp_path: Path):
-    rows = [{"uid": "u1", "id": "same", "instruction": "Q1", "output": "A"},
-            {"uid": "u2", "id": "same", "instruction": "Q2", "output": "A"},
-            {"uid": "u1", "id": "other", "instruction": "Q3", "output": "A"}]
+    rows = [
+        {"uid": "u1", "id": "same", "instruction": "Q1", "output": "A"},
+        {"uid": "u2", "id": "same", "instruction": "Q2", "output": "A"},
+        {"uid": "u1", "id": "other", "instruction": "Q3", "output": "A"},
+    ]
     path = write_jsonl(tmp_path / "a.jsonl", [json.dumps(r) for r in rows])
-    assert find_duplicates([plan_file(0, str(path), str(tmp_path), 10, "auto", "uid")]) == {0: {2: f"{path}:0"}}
-    assert find_duplicates([plan_file(0, str(path), str(tmp_path), 10, "auto", "id")]) == {0: {1: f"{path}:0"}}
+    assert find_duplicates([plan_file(0, str(path), str(tmp_path), 10, "auto", "uid")]) == {
+        0: {2: f"{path}:0"}
+    }
+    assert find_duplicates([plan_file(0, str(path), str(tmp_path), 10, "auto", "id")]) == {
+        0: {1: f"{path}:0"}
+    }
 
 
 # --- reading output shards ----------------------------------------------------------------------
@@ -348,7 +392,9 @@ def test_read_parquet_dir_unifies_conflicting_types(tmp_path: Path):
     shards = tmp_path / "scored"
     shards.mkdir()
     pq.write_table(pa.table({"id": ["a", "b"], "original_id": ["x", "3"], "n": [1, 2]}), shards / "0.parquet")
-    pq.write_table(pa.table({"id": ["c"], "original_id": [8], "n": [3], "extra": [{"k": 1}]}), shards / "1.parquet")
+    pq.write_table(
+        pa.table({"id": ["c"], "original_id": [8], "n": [3], "extra": [{"k": 1}]}), shards / "1.parquet"
+    )
     pq.write_table(pa.table({"id": ["d"], "original_id": pa.array([None], pa.null())}), shards / "2.parquet")
     (shards / ".tmp-abc-3.parquet").write_bytes(b"partial")  # an unfinished write is ignored
     table = io.read_parquet_dir(str(shards))

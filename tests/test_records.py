@@ -74,8 +74,15 @@ def test_alpaca_blank_system_is_dropped():
 
 
 def test_sharegpt_with_system_turn():
-    row = sharegpt(("system", "You are kind."), ("human", "Q1"), ("gpt", "A1"), ("human", "Q2"), ("gpt", "A2"),
-                   id="s-1", source="web")
+    row = sharegpt(
+        ("system", "You are kind."),
+        ("human", "Q1"),
+        ("gpt", "A1"),
+        ("human", "Q2"),
+        ("gpt", "A2"),
+        id="s-1",
+        source="web",
+    )
     record = normalize_row(row, "sharegpt")
     assert record["id"] == "s-1"
     assert record["conversations"] == turns(
@@ -105,8 +112,12 @@ def test_sharegpt_accepts_role_content_spelling():
 
 def test_null_key_falls_back_to_other_spelling():
     # Parquet structs (and some JSON dumps) carry both spellings, the unused one null.
-    row = {"conversations": [{"from": None, "value": None, "role": "user", "content": "Q"},
-                             {"from": "gpt", "value": "A", "role": None, "content": None}]}
+    row = {
+        "conversations": [
+            {"from": None, "value": None, "role": "user", "content": "Q"},
+            {"from": "gpt", "value": "A", "role": None, "content": None},
+        ]
+    }
     record = normalize_row(row, "sharegpt")
     assert record["conversations"] == turns(("user", "Q"), ("assistant", "A"))
 
@@ -127,8 +138,17 @@ def test_auto_format_per_row():
 
 @pytest.mark.parametrize(
     "alias,canonical",
-    [("human", "user"), ("Human", "user"), ("USER", "user"), ("gpt", "assistant"), ("chatgpt", "assistant"),
-     ("bard", "assistant"), ("bing", "assistant"), ("model", "assistant"), ("GPT", "assistant")],
+    [
+        ("human", "user"),
+        ("Human", "user"),
+        ("USER", "user"),
+        ("gpt", "assistant"),
+        ("chatgpt", "assistant"),
+        ("bard", "assistant"),
+        ("bing", "assistant"),
+        ("model", "assistant"),
+        ("GPT", "assistant"),
+    ],
 )
 def test_role_aliases(alias, canonical):
     other = "human" if canonical == "assistant" else "gpt"
@@ -240,8 +260,16 @@ def test_check_roles_accepts_several_leading_system_turns():
 
 def test_reject_reason_values_are_stable():
     assert {r.value for r in RejectReason} >= {
-        "unparseable", "unknown_format", "missing_field", "empty_field", "non_string_field",
-        "unsupported_role", "no_user_turn", "bad_role_order", "duplicate_id", "too_long",
+        "unparseable",
+        "unknown_format",
+        "missing_field",
+        "empty_field",
+        "non_string_field",
+        "unsupported_role",
+        "no_user_turn",
+        "bad_role_order",
+        "duplicate_id",
+        "too_long",
     }
 
 
@@ -304,8 +332,14 @@ def test_id_hash_is_deterministic_pair_of_int64():
 
 
 def test_scoring_pairs():
-    conversation = turns(("system", "S"), ("user", "Q1"), ("assistant", "A1"), ("user", "Q2"), ("assistant", "A2"),
-                         ("user", "Q3"))
+    conversation = turns(
+        ("system", "S"),
+        ("user", "Q1"),
+        ("assistant", "A1"),
+        ("user", "Q2"),
+        ("assistant", "A2"),
+        ("user", "Q3"),
+    )
     assert scoring_pairs(conversation) == [("Q1", "A1"), ("Q2", "A2"), ("Q3", "")]
     assert scoring_pairs(turns(("user", "Q"))) == [("Q", "")]
     assert scoring_pairs([]) == []
@@ -324,7 +358,9 @@ def test_detect_format():
 
 
 def test_detect_file_format_majority_and_bad_rows_do_not_decide():
-    rows = [{"instruction": "Q", "output": "A"}] * 3 + [sharegpt(("human", "Q"))] * 2 + ["junk", None, {"x": 1}]
+    rows = (
+        [{"instruction": "Q", "output": "A"}] * 3 + [sharegpt(("human", "Q"))] * 2 + ["junk", None, {"x": 1}]
+    )
     assert detect_file_format(rows) == "alpaca"
     assert detect_file_format([messages(("user", "Q"))] + ["junk"] * 10) == "messages"
     assert detect_file_format(["junk", 1, {"x": 1}]) is None

@@ -57,19 +57,43 @@ def build_pool(root: Path) -> tuple[Path, dict[tuple[str, int], str], dict[tuple
 
     # 1. ShareGPT JSONL (blank lines, a broken line, most validation rejects, duplicates, an over-long turn).
     a_rows: list[tuple[object, str]] = [
-        (sg(("system", "You are kind."), ("human", "What is 2+2?"), ("gpt", "4"), ("human", "And 7*8?"),
-            ("gpt", "56"), id="sg-0", source="web"), SCORED),
+        (
+            sg(
+                ("system", "You are kind."),
+                ("human", "What is 2+2?"),
+                ("gpt", "4"),
+                ("human", "And 7*8?"),
+                ("gpt", "56"),
+                id="sg-0",
+                source="web",
+            ),
+            SCORED,
+        ),
         ("", BLANK),
         ('{"conversations": [{"from": "human", "value": "oops"}', "unparseable"),
-        (sg(("human", "Name a colour."), ("gpt", "Blue."), ("human", "Another?"), id=3, source="forum"), SCORED),
+        (
+            sg(("human", "Name a colour."), ("gpt", "Blue."), ("human", "Another?"), id=3, source="forum"),
+            SCORED,
+        ),
         ("   ", BLANK),
-        (sg(("human", "Weather?"), ("gpt", "Let me call a tool."), ("tool", "{}"), id="sg-tool"), "unsupported_role"),
+        (
+            sg(("human", "Weather?"), ("gpt", "Let me call a tool."), ("tool", "{}"), id="sg-tool"),
+            "unsupported_role",
+        ),
         (sg(id="sg-empty"), "empty_field"),
         (sg(("gpt", "Hello!"), ("human", "Hi."), id="sg-order"), "bad_role_order"),
         (sg(("system", "S"), ("gpt", "Only me."), id="sg-nouser"), "no_user_turn"),
-        ({"conversations": [{"from": "human", "value": 42}, {"from": "gpt", "value": "x"}], "id": "sg-int"},
-         "non_string_field"),
-        ({"conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}], "id": "sg-novalue"}, "missing_field"),
+        (
+            {
+                "conversations": [{"from": "human", "value": 42}, {"from": "gpt", "value": "x"}],
+                "id": "sg-int",
+            },
+            "non_string_field",
+        ),
+        (
+            {"conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}], "id": "sg-novalue"},
+            "missing_field",
+        ),
         (sg(("human", "Same id, other content."), ("gpt", "Yes."), id="sg-0"), "duplicate_id"),
         (sg(("human", LONG), ("gpt", "Short answer."), id="sg-long"), "too_long"),
         ([1, 2, 3], "unparseable"),
@@ -85,18 +109,45 @@ def build_pool(root: Path) -> tuple[Path, dict[tuple[str, int], str], dict[tuple
 
     # 2. Alpaca JSON array.
     b_rows: list[tuple[object, str]] = [
-        ({"id": "al-0", "system": "Be brief.", "instruction": "Translate to French.", "input": "Good morning",
-          "output": "Bonjour", "category": "translate"}, SCORED),
-        ({"id": "al-1", "instruction": "Give three tips for staying healthy.", "input": "",
-          "output": "Eat well, sleep, exercise.", "category": "advice"}, SCORED),
+        (
+            {
+                "id": "al-0",
+                "system": "Be brief.",
+                "instruction": "Translate to French.",
+                "input": "Good morning",
+                "output": "Bonjour",
+                "category": "translate",
+            },
+            SCORED,
+        ),
+        (
+            {
+                "id": "al-1",
+                "instruction": "Give three tips for staying healthy.",
+                "input": "",
+                "output": "Eat well, sleep, exercise.",
+                "category": "advice",
+            },
+            SCORED,
+        ),
         ({"id": "al-2", "instruction": "Missing output."}, "missing_field"),
         ({"id": "al-3", "instruction": "", "input": "", "output": "Orphan answer."}, "empty_field"),
         ({"id": "al-4", "instruction": "Count.", "output": 5}, "non_string_field"),
         ("a bare string", "unparseable"),
-        ({"id": "sg-0", "instruction": "Duplicate of a row in an earlier file.", "output": "Yes."}, "duplicate_id"),
+        (
+            {"id": "sg-0", "instruction": "Duplicate of a row in an earlier file.", "output": "Yes."},
+            "duplicate_id",
+        ),
         ({"id": "al-7", "instruction": "Summarize.", "output": LONG}, "too_long"),
-        ({"id": 8, "instruction": "What is the capital of Australia?", "output": "Canberra.",
-          "category": "qa"}, SCORED),
+        (
+            {
+                "id": 8,
+                "instruction": "What is the capital of Australia?",
+                "output": "Canberra.",
+                "category": "qa",
+            },
+            SCORED,
+        ),
         ({"instruction": "Describe a robot.", "output": "It paints.", "category": "creative"}, SCORED),
     ]
     (root / "b_alpaca.json").write_text(json.dumps([row for row, _ in b_rows], indent=1), encoding="utf-8")
@@ -106,26 +157,49 @@ def build_pool(root: Path) -> tuple[Path, dict[tuple[str, int], str], dict[tuple
 
     # 3. OpenAI/HF messages Parquet (several row groups, more rows than rows_per_shard).
     c_rows: list[tuple[dict, str]] = [
-        (msg(("system", "You are a tutor."), ("user", "Explain gravity."), ("assistant", "Mass attracts mass."),
-             id="m-0", lang="en"), SCORED),
+        (
+            msg(
+                ("system", "You are a tutor."),
+                ("user", "Explain gravity."),
+                ("assistant", "Mass attracts mass."),
+                id="m-0",
+                lang="en",
+            ),
+            SCORED,
+        ),
         (msg(("user", "Run it."), ("function", "result")), "unsupported_role"),
         (msg(("assistant", "I speak first."), ("user", "OK."), id="m-2"), "bad_role_order"),
         ({"id": "m-3", "messages": None, "lang": "de"}, "missing_field"),
         (msg(("user", "What is 10 divided by 2?"), ("assistant", "5"), id="m-4", lang="en"), SCORED),
         (msg(("user", " "), ("assistant", "Blank question."), id="m-5"), "empty_field"),
-        (msg(("user", "Hi"), ("assistant", "Hello"), ("user", "Bye"), ("assistant", "Goodbye"), id="m-6",
-             lang="fr"), SCORED),
+        (
+            msg(
+                ("user", "Hi"),
+                ("assistant", "Hello"),
+                ("user", "Bye"),
+                ("assistant", "Goodbye"),
+                id="m-6",
+                lang="fr",
+            ),
+            SCORED,
+        ),
         (msg(("system", "Only a system prompt."), id="m-7"), "no_user_turn"),
         (msg(("user", "Write a haiku."), ("assistant", "Waves fold into foam."), lang="ja"), SCORED),
-        (msg(("user", "Rewrite: the committee approved it."), ("assistant", "It was approved."), id="m-9"),
-         SCORED),
+        (
+            msg(("user", "Rewrite: the committee approved it."), ("assistant", "It was approved."), id="m-9"),
+            SCORED,
+        ),
         (msg(("user", "One more question?"), id="m-10", lang="en"), SCORED),  # trailing user turn
     ]
     table = pa.Table.from_pylist(
         [{"id": r.get("id"), "messages": r.get("messages"), "lang": r.get("lang")} for r, _ in c_rows],
-        schema=pa.schema([("id", pa.string()),
-                          ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-                          ("lang", pa.string())]),
+        schema=pa.schema(
+            [
+                ("id", pa.string()),
+                ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+                ("lang", pa.string()),
+            ]
+        ),
     )
     (root / "sub").mkdir()
     pq.write_table(table, root / "sub" / "c_messages.parquet", row_group_size=3)
@@ -134,8 +208,11 @@ def build_pool(root: Path) -> tuple[Path, dict[tuple[str, int], str], dict[tuple
         written[("sub/c_messages.parquet", i)] = row
 
     # 4. A JSONL file no row of which has a known format.
-    d_rows = [({"text": "plain text, no conversation", "id": "d-0"}, "unknown_format"), ("", BLANK),
-              ({"prompt": "p", "completion": "c"}, "unknown_format")]
+    d_rows = [
+        ({"text": "plain text, no conversation", "id": "d-0"}, "unknown_format"),
+        ("", BLANK),
+        ({"prompt": "p", "completion": "c"}, "unknown_format"),
+    ]
     with open(root / "d_unknown.jsonl", "w", encoding="utf-8") as handle:
         for row, _ in d_rows:
             handle.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
@@ -174,9 +251,15 @@ def api_reject_run(pool, scorer_model, ray_cluster, tmp_path_factory):
     and must not claim the output directory (the corrected run into the same directory then works)."""
     directory, _, _ = pool
     out = tmp_path_factory.mktemp("api") / "out"
-    fields = {"output": str(out), "complexity_model": scorer_model, "quality_model": scorer_model,
-              "max_model_len": MAX_MODEL_LEN, "truncation": "reject", "rows_per_shard": ROWS_PER_SHARD,
-              "resources": RESOURCES}
+    fields = {
+        "output": str(out),
+        "complexity_model": scorer_model,
+        "quality_model": scorer_model,
+        "max_model_len": MAX_MODEL_LEN,
+        "truncation": "reject",
+        "rows_per_shard": ROWS_PER_SHARD,
+        "resources": RESOURCES,
+    }
     with pytest.raises(FileNotFoundError, match="no input files match.*typo"):
         deita_ray.score(input=[str(directory / "typo")], **fields)
     summary = deita_ray.score(input=[str(directory)], **fields)
@@ -186,9 +269,15 @@ def api_reject_run(pool, scorer_model, ray_cluster, tmp_path_factory):
 def start_cli(*args: str) -> subprocess.Popen:
     exe = Path(sys.executable).parent / "deita-ray"
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "deita_ray.cli"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen(command + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return subprocess.Popen(
+        command + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def finish_cli(process: subprocess.Popen) -> subprocess.CompletedProcess:
@@ -209,14 +298,43 @@ def cli_middle_runs(pool, scorer_model, ray_cluster, tmp_path_factory):
     """CLI, truncation: middle, inputs as file:// URIs; once with flags, once with the same fields in YAML."""
     directory, _, _ = pool
     base = tmp_path_factory.mktemp("cli")
-    inputs = [f"file://{directory}/a_sharegpt.jsonl", f"file://{directory}/b_alpaca.json",
-              f"file://{directory}/sub", f"file://{directory}/d_*.jsonl"]
-    flags = ["--input", *inputs, "--output", str(base / "flags"), "--complexity-model", scorer_model,
-             "--quality-model", scorer_model, "--max-model-len", str(MAX_MODEL_LEN), "--truncation", "middle",
-             "--rows-per-shard", str(ROWS_PER_SHARD), "--num-cpus", "0.5", "--ray-address", ray_cluster]
-    config = {"input": inputs, "output": str(base / "yaml"), "complexity_model": scorer_model,
-              "quality_model": scorer_model, "max_model_len": MAX_MODEL_LEN, "truncation": "middle",
-              "rows_per_shard": ROWS_PER_SHARD, "resources": RESOURCES, "ray_address": ray_cluster}
+    inputs = [
+        f"file://{directory}/a_sharegpt.jsonl",
+        f"file://{directory}/b_alpaca.json",
+        f"file://{directory}/sub",
+        f"file://{directory}/d_*.jsonl",
+    ]
+    flags = [
+        "--input",
+        *inputs,
+        "--output",
+        str(base / "flags"),
+        "--complexity-model",
+        scorer_model,
+        "--quality-model",
+        scorer_model,
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--truncation",
+        "middle",
+        "--rows-per-shard",
+        str(ROWS_PER_SHARD),
+        "--num-cpus",
+        "0.5",
+        "--ray-address",
+        ray_cluster,
+    ]
+    config = {
+        "input": inputs,
+        "output": str(base / "yaml"),
+        "complexity_model": scorer_model,
+        "quality_model": scorer_model,
+        "max_model_len": MAX_MODEL_LEN,
+        "truncation": "middle",
+        "rows_per_shard": ROWS_PER_SHARD,
+        "resources": RESOURCES,
+        "ray_address": ray_cluster,
+    }
     (base / "config.yaml").write_text(yaml.safe_dump(config))
     # Both runs share the test's Ray cluster, concurrently (each driver start costs ~10 s of imports).
     processes = [start_cli("score", *flags), start_cli("score", "--config", str(base / "config.yaml"))]
@@ -305,7 +423,8 @@ def check_scored(scored: list[dict], pool) -> None:
         assert len(row["complexity_scores"]) == len(row["quality_scores"]) == users >= 1
         assert all(1.0 <= s <= 6.0 for s in row["complexity_scores"] + row["quality_scores"])
         assert row["evol_score"] == pytest.approx(
-            sum(c * q for c, q in zip(row["complexity_scores"], row["quality_scores"], strict=True)))
+            sum(c * q for c, q in zip(row["complexity_scores"], row["quality_scores"], strict=True))
+        )
         record = normalize_row(original, row["source_format"])
         assert row["conversations"] == record["conversations"]  # outputs keep the full text
         assert row["id"] == record["id"]
@@ -331,7 +450,11 @@ def check_scored(scored: list[dict], pool) -> None:
     assert first["original_id"] == "sg-0"
     assert first["original_conversations"] == written[("a_sharegpt.jsonl", 0)]["conversations"]
     assert alpaca0["instruction"] == "Translate to French." and alpaca0["input"] == "Good morning"
-    assert alpaca0["output"] == "Bonjour" and alpaca0["category"] == "translate" and alpaca0["system"] == "Be brief."
+    assert (
+        alpaca0["output"] == "Bonjour"
+        and alpaca0["category"] == "translate"
+        and alpaca0["system"] == "Be brief."
+    )
     # `id` is a string in some rows and an int in others: read back in text form, never dropped.
     assert by_key[("b_alpaca.json", 8)]["original_id"] == "8"
     assert by_key[("a_sharegpt.jsonl", 3)]["original_id"] == "3"
@@ -358,9 +481,16 @@ def test_api_rerun_is_a_no_op(api_reject_run, pool, scorer_model):
     """Same config into the same directory: every unit is already done; the summary is unchanged."""
     out, first = api_reject_run
     directory, _, _ = pool
-    again = deita_ray.score(input=[str(directory)], output=str(out), complexity_model=scorer_model,
-                            quality_model=scorer_model, max_model_len=MAX_MODEL_LEN, truncation="reject",
-                            rows_per_shard=ROWS_PER_SHARD, resources=RESOURCES)
+    again = deita_ray.score(
+        input=[str(directory)],
+        output=str(out),
+        complexity_model=scorer_model,
+        quality_model=scorer_model,
+        max_model_len=MAX_MODEL_LEN,
+        truncation="reject",
+        rows_per_shard=ROWS_PER_SHARD,
+        resources=RESOURCES,
+    )
     assert again["units_this_run"] == 0
     for key in ("input_rows", "scored", "rejected", "rejected_by_reason", "blank"):
         assert again[key] == first[key]
@@ -376,8 +506,10 @@ def test_cli_truncation_middle(cli_middle_runs, pool):
     assert truncated == {"sg-long", "al-7"} and summary["truncated"] == 2
     # The printed summary.
     lines = result.stdout.splitlines()
-    assert (f"scored {summary['scored']} / {summary['input_rows']} rows (rejected {summary['rejected']}, "
-            f"blank {summary['blank']}, truncated 2)") in lines
+    assert (
+        f"scored {summary['scored']} / {summary['input_rows']} rows (rejected {summary['rejected']}, "
+        f"blank {summary['blank']}, truncated 2)"
+    ) in lines
     for reason, count in summary["rejected_by_reason"].items():
         assert f"  rejected {reason}: {count}" in lines
     assert any(line.startswith("outputs: ") for line in lines)
@@ -389,12 +521,21 @@ def test_cli_yaml_config_equals_flags(cli_middle_runs):
     assert by_yaml.returncode == 0, by_yaml.stderr[-3000:]
     flags_scored, flags_rejects, flags_summary = read_outputs(flags_out)
     yaml_scored, yaml_rejects, yaml_summary = read_outputs(yaml_out)
+
     def key(row: dict) -> tuple:
         return row["source_file"], row["source_row"]
 
     assert sorted(flags_scored, key=key) == sorted(yaml_scored, key=key)
     assert sorted(flags_rejects, key=key) == sorted(yaml_rejects, key=key)
-    for field in ("input_rows", "scored", "rejected", "rejected_by_reason", "blank", "truncated", "prompt_tokens"):
+    for field in (
+        "input_rows",
+        "scored",
+        "rejected",
+        "rejected_by_reason",
+        "blank",
+        "truncated",
+        "prompt_tokens",
+    ):
         assert flags_summary[field] == yaml_summary[field]
     flags_config, yaml_config = flags_summary["config"], yaml_summary["config"]
     assert {**flags_config, "output": None} == {**yaml_config, "output": None}
@@ -403,8 +544,13 @@ def test_cli_yaml_config_equals_flags(cli_middle_runs):
 
 
 def test_cli_unknown_config_key_is_rejected(tmp_path, scorer_model):
-    config = {"input": [str(tmp_path)], "output": str(tmp_path / "out"), "complexity_model": scorer_model,
-              "quality_model": scorer_model, "rows_per_shrad": 4}
+    config = {
+        "input": [str(tmp_path)],
+        "output": str(tmp_path / "out"),
+        "complexity_model": scorer_model,
+        "quality_model": scorer_model,
+        "rows_per_shrad": 4,
+    }
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
     result = run_cli("score", "--config", str(tmp_path / "bad.yaml"))
     assert result.returncode != 0
@@ -420,8 +566,19 @@ def test_cli_unknown_config_key_is_rejected(tmp_path, scorer_model):
 
 def test_cli_input_matching_nothing(tmp_path, scorer_model, ray_cluster):
     missing = str(tmp_path / "no_such_dir" / "*.jsonl")
-    result = run_cli("score", "--input", missing, "--output", str(tmp_path / "out"), "--complexity-model",
-                     scorer_model, "--quality-model", scorer_model, "--ray-address", ray_cluster)
+    result = run_cli(
+        "score",
+        "--input",
+        missing,
+        "--output",
+        str(tmp_path / "out"),
+        "--complexity-model",
+        scorer_model,
+        "--quality-model",
+        scorer_model,
+        "--ray-address",
+        ray_cluster,
+    )
     assert result.returncode != 0
     assert "no input files match" in result.stderr and missing in result.stderr
     assert "Traceback" not in result.stderr

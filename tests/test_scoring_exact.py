@@ -19,7 +19,9 @@ TOLERANCE = 1e-4  # float32 forward passes; batching/padding changes summation o
 def test_expected_score_math():
     assert expected_score([0.0] * 6) == pytest.approx(3.5)
     assert expected_score([-1e4, -1e4, -1e4, -1e4, -1e4, 0.0]) == pytest.approx(6.0)
-    assert expected_score([5.0, 1.0, 1.0, 1.0, 1.0, 1.0]) == pytest.approx(expected_score([4.0, 0, 0, 0, 0, 0]))
+    assert expected_score([5.0, 1.0, 1.0, 1.0, 1.0, 1.0]) == pytest.approx(
+        expected_score([4.0, 0, 0, 0, 0, 0])
+    )
     with pytest.raises(ValueError):
         expected_score([float("nan")] + [0.0] * 5)
 
@@ -39,8 +41,11 @@ def test_batched_scorer_equals_reference(request, tmp_path, model_fixture, sizes
     """In-process batched scorer (length-sorted, left-padded batches) vs one prompt per forward."""
     path = str(request.getfixturevalue(model_fixture))
     _, records = mixed_pool(tmp_path, *sizes)
-    scorer = Scorer(ScoreConfig(input=["unused"], output="unused", complexity_model=path, quality_model=path,
-                                batch_size=5))
+    scorer = Scorer(
+        ScoreConfig(
+            input=["unused"], output="unused", complexity_model=path, quality_model=path, batch_size=5
+        )
+    )
     scorer.setup()
     results = scorer.score_samples([r["conversations"] for r in records])
     reference = load_reference(path)
@@ -57,9 +62,14 @@ def test_batched_scorer_equals_reference(request, tmp_path, model_fixture, sizes
 def test_pipeline_equals_reference_two_models(ray_local, tmp_path, tiny_llama, tiny_llama_b):  # noqa: F811
     """Full Ray Data pipeline (3 input formats, different complexity and quality models)."""
     directory, records = mixed_pool(tmp_path, 8, 5, 4)
-    summary = deita_ray.score(input=[str(directory)], output=str(tmp_path / "out"),
-                              complexity_model=str(tiny_llama), quality_model=str(tiny_llama_b),
-                              rows_per_shard=4, resources={"scorer_num_cpus": 0.5})
+    summary = deita_ray.score(
+        input=[str(directory)],
+        output=str(tmp_path / "out"),
+        complexity_model=str(tiny_llama),
+        quality_model=str(tiny_llama_b),
+        rows_per_shard=4,
+        resources={"scorer_num_cpus": 0.5},
+    )
     assert summary["scored"] == len(records) and summary["rejected"] == 0
     scored = {row["id"]: row for row in io.read_parquet_dir(str(tmp_path / "out" / "scored")).to_pylist()}
     complexity, quality = load_reference(tiny_llama), load_reference(tiny_llama_b)

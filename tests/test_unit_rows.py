@@ -20,13 +20,23 @@ from deita_ray.scoring.config import ScoreConfig
 
 
 def test_payload_codec_round_trips_every_value_type() -> None:
-    value = [{
-        "bytes": b"\x00\xff", "ts": datetime.datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=datetime.timezone.utc),
-        "naive": datetime.datetime(2024, 1, 2), "date": datetime.date(2020, 1, 1), "time": datetime.time(1, 2, 3),
-        "delta": datetime.timedelta(days=2, seconds=3, microseconds=4), "dec": decimal.Decimal("1.2300"),
-        "text": "lone \ud800 surrogate, é, 中", "none": None, "float": 1.5, "int": 2**62, "nested": [1, {"x": "y"}],
-        "nan": float("nan"),
-    }]
+    value = [
+        {
+            "bytes": b"\x00\xff",
+            "ts": datetime.datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=datetime.timezone.utc),
+            "naive": datetime.datetime(2024, 1, 2),
+            "date": datetime.date(2020, 1, 1),
+            "time": datetime.time(1, 2, 3),
+            "delta": datetime.timedelta(days=2, seconds=3, microseconds=4),
+            "dec": decimal.Decimal("1.2300"),
+            "text": "lone \ud800 surrogate, é, 中",
+            "none": None,
+            "float": 1.5,
+            "int": 2**62,
+            "nested": [1, {"x": "y"}],
+            "nan": float("nan"),
+        }
+    ]
     text = encode_payload(value)
     assert text.isascii()  # escapes make any string valid UTF-8 for an Arrow string column
     back = decode_payload(text)
@@ -34,17 +44,28 @@ def test_payload_codec_round_trips_every_value_type() -> None:
 
 
 def test_a_unit_row_in_flight_is_typed_text(tmp_path: Path) -> None:
-    table = pa.table({"instruction": ["q1", "q2"], "output": ["a1", "a2"],
-                      "when": [datetime.datetime(2024, 5, 1), None], "blob": [b"\x01", b"\x02"]})
+    table = pa.table(
+        {
+            "instruction": ["q1", "q2"],
+            "output": ["a1", "a2"],
+            "when": [datetime.datetime(2024, 5, 1), None],
+            "blob": [b"\x01", b"\x02"],
+        }
+    )
     pq.write_table(table, tmp_path / "pool.parquet")
     plan = plan_file(0, str(tmp_path / "pool.parquet"), str(tmp_path / "staged"), 10, "auto", "id")
     unit = Unit.from_dict(plan["units"][0])
-    config = ScoreConfig(input=[str(tmp_path)], output=str(tmp_path / "out"), complexity_model="m",
-                         quality_model="m")
+    config = ScoreConfig(
+        input=[str(tmp_path)], output=str(tmp_path / "out"), complexity_model="m", quality_model="m"
+    )
     row = ReadUnitStage(config)({"unit": json.dumps(unit.to_dict())})
     schema = pa.Table.from_pylist([row]).schema
     assert {field.name: field.type for field in schema} == {
-        "unit": pa.string(), "samples": pa.string(), "rejects": pa.string(), "counts": pa.string()}
+        "unit": pa.string(),
+        "samples": pa.string(),
+        "rejects": pa.string(),
+        "counts": pa.string(),
+    }
     samples = decode_payload(row["samples"])
     assert [s["original"]["when"] for s in samples] == [datetime.datetime(2024, 5, 1), None]
     assert [s["original"]["blob"] for s in samples] == [b"\x01", b"\x02"]

@@ -22,7 +22,7 @@ EMBED = register_stage(
         run=lazy("deita_ray.embedding.pipeline:run_embed"),
         reads=("score",),
         wire=_wire,
-        actor_demand=lambda config: [config.resources.actor_demand()],
+        demand=lambda config: config.resources.pipeline_demand(),
         check=lambda config, where: check_model_reference(config.model, f"{where}.model"),
         cli_shortcuts={
             "kind": ("embedder.kind",),

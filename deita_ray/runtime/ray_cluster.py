@@ -41,21 +41,83 @@ def alive_nodes() -> list[dict[str, float]]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
-def check_feasible(stages: Mapping[str, Stage], configs: Mapping[str, Any], joined: bool) -> None:
-    """Every stage's actors must fit on some node, and each stage's own preflight must pass. On a
-    cluster an autoscaler may still add that node, so there it is a warning; on the local Ray this run
-    started, it is an error before any work."""
-    nodes = alive_nodes()
-    for name, stage in stages.items():
-        for demand in stage.actor_demand(configs[name]):
-            demand = {k: v for k, v in demand.items() if v > 0}
-            if not demand or any(all(node.get(k, 0) >= v for k, v in demand.items()) for node in nodes):
-                continue
-            message = (
-                f"{name}: no node of the Ray cluster offers {demand} for one actor "
-                f"(nodes: {[{k: v for k, v in n.items() if not k.startswith('node:')} for n in nodes]})"
+def _shown(resources: dict[str, float]) -> dict[str, float]:
+    return {
+        k: v for k, v in resources.items() if v > 0 and not k.startswith(("node:", "object_store", "memory"))
+    }
+
+
+def fit_problem(name: str, demands: list[dict[str, float]], nodes: list[dict[str, float]]) -> str | None:
+    """Why these demands (actors and tasks that must run at the same time) could never all be placed on
+    these nodes; None when they can. Each must fit on one node, and all of them together (placed
+    largest first, each on the first node with room)."""
+    demands = [_shown(d) for d in demands]
+    demands = [d for d in demands if d]
+    if not demands:
+        return None
+    shown_nodes = [_shown(n) for n in nodes]
+    for demand in demands:
+        if not any(all(node.get(k, 0) >= v for k, v in demand.items()) for node in nodes):
+            return (
+                f"{name}: no node of the Ray cluster offers {demand} for one actor or task "
+                f"(nodes: {shown_nodes})"
             )
-            if not joined:
-                raise ValueError(message + "; lower the stage's resources or run on a cluster that has them")
-            logger.warning("%s; waiting for the autoscaler to add one", message)
+    room = [dict(node) for node in nodes]
+    for demand in sorted(demands, key=lambda d: -sum(d.values())):
+        node = next((r for r in room if all(r.get(k, 0) >= v for k, v in demand.items())), None)
+        if node is None:
+            total: dict[str, float] = {}
+            for d in demands:
+                for k, v in d.items():
+                    total[k] = total.get(k, 0) + v
+            return (
+                f"{name}: its actors and the read/write tasks beside them need {total} at once "
+                f"({' + '.join(str(d) for d in demands)}), more than the Ray cluster has (nodes: "
+                f"{shown_nodes}); the run would wait forever"
+            )
+        for k, v in demand.items():
+            node[k] = node.get(k, 0) - v
+    return None
+
+
+def check_fits(name: str, demands: list[dict[str, float]], joined: bool) -> None:
+    """On the local Ray this process started: an error before any work. On a joined cluster an
+    autoscaler may still add nodes: a warning."""
+    problem = fit_problem(name, demands, alive_nodes())
+    if problem and not joined:
+        raise ValueError(problem + "; lower the stage's resources or run on a cluster that has them")
+    if problem:
+        logger.warning("%s; waiting for the autoscaler to add nodes", problem)
+
+
+def check_feasible(stages: Mapping[str, Stage], configs: Mapping[str, Any], joined: bool) -> None:
+    """Every stage's pipeline (its actors and one task beside them) must fit the cluster, and each
+    stage's own preflight must pass, before any work (see `check_fits`)."""
+    for name, stage in stages.items():
+        check_fits(name, stage.demand(configs[name]), joined)
         stage.preflight(configs[name], joined)
+
+
+def waiting_report(demands: list[dict[str, float]]) -> str:
+    """What a stalled stage is waiting for: the cluster's free resources, and the demand Ray's
+    scheduler cannot place yet (from the autoscaler's view of the cluster, where it answers)."""
+    import ray
+
+    free, total = ray.available_resources(), ray.cluster_resources()
+    parts = [
+        f"free now {{{', '.join(f'{k}: {free.get(k, 0):g}/{v:g}' for k, v in _shown(total).items())}}}",
+        f"this stage needs {' + '.join(str(_shown(d)) for d in demands if _shown(d))}",
+    ]
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
+        pending = [
+            f"{b.count} × {b.bundle}"
+            for d in status.resource_demands.ray_task_actor_demand
+            for b in d.bundles_by_count
+        ]
+        parts.append(f"pending in Ray: {', '.join(pending) if pending else 'nothing'}")
+    except Exception as exc:  # noqa: BLE001 - the report must not fail the run it reports on
+        parts.append(f"(Ray's pending demand is unavailable: {type(exc).__name__})")
+    return "; ".join(parts)

@@ -8,7 +8,7 @@ check need to know about it; none of them names a stage:
     reads           what it reads inside a run: "pool" (the run's `input`) and/or upstream stage names
     wire(...)       the config fields a run sets (input/output paths from the run directory)
     complete_file   written last in its output directory: its presence means the stage is done
-    actor_demand    the Ray resources one of its actors asks for (resources as data)
+    demand          the Ray resources its actors and tasks need at once (resources as data)
     preflight       checks that need the cluster (e.g. room for the tasks around the actors), before work
     run(config)     does the work, resuming what a previous run of the same config finished
     summary         a typed result (`StageSummary`): `.line()` for the run's progress, `.to_dict()` for JSON
@@ -100,7 +100,9 @@ class Stage:
     reads: tuple[str, ...]
     wire: Callable[[RunPaths], dict[str, Any]]
     complete_file: str = "summary.json"
-    actor_demand: Callable[[Any], list[dict[str, float]]] = lambda config: []
+    # What must run at the same time for the stage to progress (its actors and one task beside them),
+    # as Ray resource dicts: the feasibility check refuses (local Ray) or warns (cluster) when it can't fit.
+    demand: Callable[[Any], list[dict[str, float]]] = lambda config: []
     preflight: Callable[[Any, bool], None] = lambda config, joined_cluster: None
     # Checks that need no cluster (e.g. a mistyped local model path), run when a config is validated for
     # a run, before any work: (config, where) → raise ValueError naming `where.field`.

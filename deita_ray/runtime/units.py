@@ -14,6 +14,7 @@ import datetime
 import decimal
 import json
 import logging
+import threading
 import time
 import warnings
 from collections import Counter
@@ -96,8 +97,13 @@ def decode_payload(text: str) -> Any:
 def unit_row(unit_json: str, payload: str, items: Any, rejects: list, counts: dict, **arrays: Any) -> dict:
     """One unit row: the unit, its payload under the column named `payload`, its rejects and counts so
     far, and any numpy arrays (e.g. `vectors`) as tensor columns."""
-    return {"unit": unit_json, payload: encode_payload(items), "rejects": encode_payload(rejects),
-            "counts": json.dumps(counts), **arrays}
+    return {
+        "unit": unit_json,
+        payload: encode_payload(items),
+        "rejects": encode_payload(rejects),
+        "counts": json.dumps(counts),
+        **arrays,
+    }
 
 
 def unpack_unit_row(row: dict[str, Any], inputs: tuple[str, ...], stage: str, payload: str):
@@ -107,8 +113,9 @@ def unpack_unit_row(row: dict[str, Any], inputs: tuple[str, ...], stage: str, pa
     return unit, decode_payload(row[payload]), decode_payload(row["rejects"]), json.loads(row["counts"])
 
 
-def append_unit_row(out: dict[str, list], unit_json: str, payload: str, items: Any, rejects: list,
-                    counts: dict, **arrays: Any) -> None:
+def append_unit_row(
+    out: dict[str, list], unit_json: str, payload: str, items: Any, rejects: list, counts: dict, **arrays: Any
+) -> None:
     """Add a unit's row (see `unit_row`) to a model stage's output batch."""
     for name, value in unit_row(unit_json, payload, items, rejects, counts, **arrays).items():
         out.setdefault(name, []).append(value)
@@ -223,8 +230,14 @@ class UnitSummary(StageSummary):
     config: dict[str, Any]
 
 
-def unit_summary_fields(config: Any, units: list[Unit], tally: UnitTally, timings: dict[str, float],
-                        run: RunProgress, throughput: dict[str, float | None]) -> dict[str, Any]:
+def unit_summary_fields(
+    config: Any,
+    units: list[Unit],
+    tally: UnitTally,
+    timings: dict[str, float],
+    run: RunProgress,
+    throughput: dict[str, float | None],
+) -> dict[str, Any]:
     """The `UnitSummary` fields of a finished unit stage, from its tally and this run's progress."""
     return {
         "output": config.output,
@@ -252,6 +265,46 @@ class RunProgress:
     warm_rows: int = 0
     warm_seconds: float = 0.0
     finished_at: list[tuple[float, int]] = field(default_factory=list)  # (when a model finished a unit, rows)
+    last_report: float = field(default_factory=time.perf_counter)  # of the last progress line
+
+
+class StallWatch:
+    """Says what a stage is waiting for when no unit has finished for `after_s` seconds (and again
+    every `after_s` while that lasts), instead of waiting in silence: the free resources, the stage's
+    demand and what Ray's scheduler cannot place. It only reports; the run keeps waiting, as an
+    autoscaler may still add the node that fits."""
+
+    def __init__(self, verb: str, after_s: float, demands: list[dict[str, float]]) -> None:
+        self.verb, self.after_s, self.demands = verb, after_s, demands
+        self.last = time.monotonic()
+        self.finished = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name=f"deita-ray {verb} stall watch", daemon=True)
+
+    def __enter__(self) -> StallWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finished.set()
+        self.thread.join()
+
+    def progressed(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        from deita_ray.runtime.ray_cluster import waiting_report
+
+        reported = self.last
+        while not self.finished.wait(min(self.after_s, 5.0)):
+            now = time.monotonic()
+            if now - self.last >= self.after_s and now - max(reported, self.last) >= self.after_s:
+                reported = now
+                logger.warning(
+                    "deita-ray %s: no unit finished for %.0f s; %s",
+                    self.verb,
+                    now - self.last,
+                    waiting_report(self.demands),
+                )
 
 
 @dataclass(frozen=True)
@@ -270,6 +323,27 @@ class UnitStage:
     finished_at_key: str | None = None  # a marker time stamp (wall clock) of the model's finish, if any
 
 
+def _count_unit(
+    stage: UnitStage, progress: RunProgress, counts: dict[str, Any], index: int, pending: int, planned: float
+) -> None:
+    """Add a finished unit's counts to this run's progress; log a progress line every 10 s."""
+    progress.rows += counts["input_rows"]
+    progress.tokens += counts.get(stage.token_key, 0)
+    if stage.finished_at_key:
+        progress.finished_at.append((counts[stage.finished_at_key], counts["input_rows"]))
+    now = time.perf_counter()
+    if index == pending or now - progress.last_report > 10:
+        progress.last_report = now
+        logger.warning(
+            "deita-ray %s: %d/%d units, %d rows this run (%.1f rows/s)",
+            stage.verb,
+            index,
+            pending,
+            progress.rows,
+            progress.rows / max(now - planned, 1e-9),
+        )
+
+
 def run_unit_stage(stage: UnitStage, config: Any) -> Any:
     """Run a unit stage end to end, resuming what a previous run of the same config finished. Writes
     OUTPUT/summary.json last and returns the stage's typed summary."""
@@ -282,9 +356,12 @@ def run_unit_stage(stage: UnitStage, config: Any) -> Any:
         config.overwrite,
         owned=(*stage.owned, markers.MARKER_DIR, SUMMARY_FILE),
     )
-    from deita_ray.runtime.ray_cluster import connect_ray
+    from deita_ray.runtime.ray_cluster import check_fits, connect_ray, joined_cluster
 
+    joined = joined_cluster(config.ray_address)
     connect_ray(config.ray_address)
+    demands = config.resources.pipeline_demand()
+    check_fits(stage.verb, demands, joined)
     units = stage.plan(planning_input)
     planned = time.perf_counter()
     done = markers.completed_units(config.output)
@@ -299,24 +376,10 @@ def run_unit_stage(stage: UnitStage, config: Any) -> Any:
     )
     progress = RunProgress(units=len(pending))
     if pending:
-        last_report = time.perf_counter()
-        for index, row in enumerate(stage.pipeline(pending).iter_rows(), start=1):
-            counts = json.loads(row["counts"])
-            progress.rows += counts["input_rows"]
-            progress.tokens += counts.get(stage.token_key, 0)
-            if stage.finished_at_key:
-                progress.finished_at.append((counts[stage.finished_at_key], counts["input_rows"]))
-            now = time.perf_counter()
-            if index == len(pending) or now - last_report > 10:
-                last_report = now
-                logger.warning(
-                    "deita-ray %s: %d/%d units, %d rows this run (%.1f rows/s)",
-                    stage.verb,
-                    index,
-                    len(pending),
-                    progress.rows,
-                    progress.rows / max(now - planned, 1e-9),
-                )
+        with StallWatch(stage.verb, config.stall_warning_s, demands) as watch:
+            for index, row in enumerate(stage.pipeline(pending).iter_rows(), start=1):
+                watch.progressed()
+                _count_unit(stage, progress, json.loads(row["counts"]), index, len(pending), planned)
     finished = time.perf_counter()
     if len(progress.finished_at) > 1:
         # Warm: the first unit finished carries actor start-up and model load; the others are timed from

@@ -25,7 +25,7 @@ SCORE = register_stage(
         run=lazy("deita_ray.scoring.pipeline:run_score"),
         reads=(POOL,),
         wire=lambda run: {"input": run.input, "output": run.output_of("score")},
-        actor_demand=lambda config: [config.resources.actor_demand()],
+        demand=lambda config: config.resources.pipeline_demand(),
         check=_check,
         cli_shortcuts={
             "backend": ("backend.type",),

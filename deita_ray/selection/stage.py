@@ -15,11 +15,13 @@ def _wire(run: RunPaths) -> dict[str, object]:
     }
 
 
-def _actor_demand(config: SelectConfig) -> list[dict[str, float]]:
+def _demand(config: SelectConfig) -> list[dict[str, float]]:
     index = config.index
     if not isinstance(index, RayIndexConfig):
-        return []
-    return [{"CPU": index.shard_num_cpus, "GPU": index.shard_num_gpus}]
+        return []  # the scan runs in the driver
+    # The candidate stream's sort tasks beside the shards are checked by the preflight, with its own
+    # message (check_stream_room).
+    return [{"CPU": index.shard_num_cpus, "GPU": index.shard_num_gpus}] * index.num_shards
 
 
 def _preflight(config: SelectConfig, joined_cluster: bool) -> None:
@@ -41,7 +43,7 @@ SELECT = register_stage(
         reads=("score", "embed"),
         wire=_wire,
         complete_file="report.json",
-        actor_demand=_actor_demand,
+        demand=_demand,
         preflight=_preflight,
         cli_shortcuts={
             "index": ("index.type",),
