@@ -136,14 +136,14 @@ class BackgroundRun:
         if self._thread.is_alive():
             pytest.fail(f"run did not finish in {timeout}s")
 
-    def result(self, timeout: float = 240) -> Any:
+    def result(self, timeout: float = 600) -> Any:
         """The run's return value; re-raises its exception."""
         self._join(timeout)
         if "error" in self._outcome:
             raise self._outcome["error"]
         return self._outcome["value"]
 
-    def error(self, timeout: float = 240) -> BaseException:
+    def error(self, timeout: float = 600) -> BaseException:
         """The exception the run ended with (fails the test if it succeeded)."""
         self._join(timeout)
         if "error" not in self._outcome:
@@ -151,7 +151,7 @@ class BackgroundRun:
         return self._outcome["error"]
 
 
-def wait_for_markers(output: Path, count: int, finished: Callable[[], bool], timeout: float = 180) -> int:
+def wait_for_markers(output: Path, count: int, finished: Callable[[], bool], timeout: float = 600) -> int:
     """Block until `count` units of OUTPUT carry a completion marker; returns how many do. Fails if the
     run ends first: a failure injected after the end would prove nothing."""
     deadline = time.monotonic() + timeout
@@ -185,11 +185,12 @@ def _alive(pid: int) -> bool:
 
 
 def wait_for_pause(directory: Path, finished: Callable[[], bool], output: Path | None = None,
-                   units: int = 0, timeout: float = 240) -> dict[str, Any]:
+                   units: int = 0, timeout: float = 600) -> dict[str, Any]:
     """Block until a process is paused (its `paused-*.json` in DIRECTORY) and, with OUTPUT, until the
     UNITS units it finished before are marked complete there (their writes go on while it waits; no
     other unit can finish meanwhile with a single model actor). Returns the pause record: pid, node,
-    stage, index, finished, unit. Fails if the run ends first."""
+    stage, index, finished, unit. Fails if the run ends first. Each wait is bounded by TIMEOUT, a
+    bound for a stuck run only (a loaded machine can take minutes to get there)."""
     deadline = time.monotonic() + timeout
     while not (found := sorted(directory.glob("paused-*.json"))):
         if finished():
@@ -201,7 +202,7 @@ def wait_for_pause(directory: Path, finished: Callable[[], bool], output: Path |
     paused = json.loads(found[0].read_text())
     assert _alive(paused["pid"]), f"the paused process {paused} is gone"
     if output is not None:
-        wait_for_markers(output, units, finished, max(1.0, deadline - time.monotonic()))
+        wait_for_markers(output, units, finished, timeout)
     return paused
 
 

@@ -101,7 +101,7 @@ def test_pending_scorer_pool_adds_a_node_that_leaves_when_idle(tiny_llama, tmp_p
                                       env=cluster.env(), stdout=out, stderr=subprocess.STDOUT)
         try:
             # While the scorer actor is paused before its first unit, the run is known to be going on.
-            paused = wait_for_pause(pause, lambda: driver.poll() is not None, timeout=300)
+            paused = wait_for_pause(pause, lambda: driver.poll() is not None)
             up = watcher.wait_for(lambda s: _scorer_nodes(s, resource), 60, f"a node with {resource}")
             (scorer_node,) = _scorer_nodes(up, resource)
             assert paused["node"] == scorer_node, f"scorer actor on {paused['node']}, not on {scorer_node}"

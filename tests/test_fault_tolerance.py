@@ -208,7 +208,7 @@ def test_driver_killed_then_rerun_on_the_cluster(
     config_path.write_text(json.dumps(config))  # JSON is YAML
     run = CliRun(["--config", str(config_path)])
     try:
-        paused = wait_for_pause(pause, lambda: run.proc.poll() is not None, output, PAUSE_AT, timeout=300)
+        paused = wait_for_pause(pause, lambda: run.proc.poll() is not None, output, PAUSE_AT)
         marked = assert_fault_lands_before(output, paused, N_UNITS)
         assert run.proc.poll() is None, "the driver exited while its actor was paused"
     finally:

@@ -262,7 +262,7 @@ def test_resume_after_killed_driver(pool_dir, model_dir, tmp_path, request):
     try:
         # The doomed run starts its Ray while the reference run (in this process) scores.
         reference = request.getfixturevalue("reference")
-        paused = wait_for_pause(pause, lambda: run.proc.poll() is not None, output, 2, timeout=300)
+        paused = wait_for_pause(pause, lambda: run.proc.poll() is not None, output, 2)
         marked = assert_fault_lands_before(output, paused, N_UNITS)
         assert run.proc.poll() is None, "the driver exited while its actor was paused"
     finally:
@@ -276,7 +276,7 @@ def test_resume_after_killed_driver(pool_dir, model_dir, tmp_path, request):
 
     rerun = CliRun(args)  # the pause directory is spent: the re-run does not stop
     try:
-        assert rerun.wait() == 0, rerun.output()[-3000:]
+        assert rerun.wait(600) == 0, rerun.output()[-3000:]
         log = rerun.output()
     finally:
         rerun.kill()

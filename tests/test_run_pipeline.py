@@ -128,7 +128,7 @@ def test_killed_run_resumes_to_the_undisturbed_result(tmp_path: Path, tiny_llama
     killed = tmp_path / "killed"
     cli = CliRun([str(path), "--ray-address", "local"], command="run")
     try:
-        paused = wait_for_pause(pause, lambda: cli.proc.poll() is not None, killed / "embed", 2, timeout=300)
+        paused = wait_for_pause(pause, lambda: cli.proc.poll() is not None, killed / "embed", 2)
         marked = assert_fault_lands_before(killed / "embed", paused, 8, pid_field="embedder_pid")
         assert cli.proc.poll() is None, "the run exited while its embedder was paused"
     finally:

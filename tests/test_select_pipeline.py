@@ -401,7 +401,7 @@ def test_killed_selection_resumes_to_the_same_result(tmp_path: Path) -> None:
         env={**os.environ, **pause_env("select", 20, pause)},  # the scan runs in the driver
     )
     try:
-        paused = wait_for_pause(pause, lambda: process.poll() is not None, timeout=300)
+        paused = wait_for_pause(pause, lambda: process.poll() is not None)
         assert paused["pid"] == process.pid and paused["index"] == 20
         cursor = tmp_path / "killed" / "_checkpoint" / "cursor.json"
         killed_at = json.loads(cursor.read_text())
