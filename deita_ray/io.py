@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import uuid
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +16,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 INPUT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".jsonl.gz", ".json.gz")
+
+
+class UnreadableFileError(ValueError):
+    """A file that cannot be read (truncated .gz, corrupt Parquet, ...); the message names it, on one line."""
+
+
+# What a damaged file raises while read: gzip/zlib (OSError, EOFError, zlib.error), Arrow/Parquet
+# (ArrowException), and a file that vanished (OSError).
+READ_ERRORS = (OSError, EOFError, zlib.error, pa.ArrowException)
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+@contextlib.contextmanager
+def reading(path: str) -> Iterator[None]:
+    """Turn a read failure inside the block into an UnreadableFileError naming `path` (one line)."""
+    try:
+        yield
+    except UnreadableFileError:
+        raise
+    except READ_ERRORS as exc:
+        raise UnreadableFileError(f"{path}: cannot read it ({type(exc).__name__}: {one_line(exc)})") from exc
 
 
 def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -56,6 +82,46 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     if missing:
         raise FileNotFoundError(f"no input files match: {', '.join(missing)}")
     return sorted(dict.fromkeys(found))
+
+
+def _normalized(fs: fsspec.AbstractFileSystem, inner: str) -> str:
+    """A comparable form of a path: the resolved absolute path locally, the URI elsewhere."""
+    if _is_local(fs):
+        return os.path.realpath(inner)
+    return fs.unstrip_protocol(inner).rstrip("/")
+
+
+def _is_within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def output_within_inputs(output: str, patterns: list[str]) -> str | None:
+    """The input (directory) that `output` equals or lies inside, or None. The next run would read the
+    stage's own files (config.json, staged .jsonl, ...) back as input. A directory input counts, and
+    so do the directories a glob matches; a recursive glob (**) covers its whole fixed prefix, and a
+    plain one's own directory counts if the output is that very directory (its config.json and
+    summary.json sit where `*.json` looks)."""
+    out_fs, out_inner = filesystem(output)
+    out = _normalized(out_fs, out_inner)
+    for pattern in patterns:
+        fs, inner = filesystem(pattern)
+        if type(fs) is not type(out_fs):
+            continue
+        covered: list[str] = []  # output inside or equal
+        equal: list[str] = []  # output equal only
+        wildcard = next((i for i, ch in enumerate(inner) if ch in "*?["), None)
+        if wildcard is None:
+            if fs.isdir(inner):
+                covered.append(inner)
+        else:
+            prefix = inner[:wildcard].rsplit("/", 1)[0] or "/"
+            (covered if "**" in inner else equal).append(prefix)
+            covered += [m for m in fs.glob(inner) if fs.isdir(m)]
+        if any(_is_within(out, _normalized(fs, d)) for d in covered) or any(
+            out == _normalized(fs, d) for d in equal
+        ):
+            return pattern
+    return None
 
 
 def source_kind(path: str) -> str:

@@ -207,12 +207,12 @@ def test_bad_rows_are_excluded_with_reasons_never_dropped(tmp_path: Path) -> Non
         "missing_embedding": 1,
         "missing_score": 1,
         "non_finite_embedding": 1,
-        "wrong_dimension": 1,
+        "dimension_mismatch": 1,
         "zero_norm": 1,
     }
     excluded = pq.read_table(tmp_path / "sel" / "excluded.parquet").to_pylist()
     by_reason = {r["reason"]: r["id"] for r in excluded}
-    assert by_reason["wrong_dimension"] == "wrong-dim" and by_reason["zero_norm"] == ids[1]
+    assert by_reason["dimension_mismatch"] == "wrong-dim" and by_reason["zero_norm"] == ids[1]
     assert by_reason["non_finite_embedding"] == ids[2] and by_reason["duplicate_embedding"] == ids[3]
     assert by_reason["missing_score"] == "no-score" and by_reason["missing_embedding"] == "no-embedding"
     assert by_reason["duplicate_score"] == ids[0] and by_reason["bad_score"] == "nan-score"

@@ -32,7 +32,15 @@ from deita_ray.embedding.embedders import EmbedResult, make_embedder
 from deita_ray.embedding.render import RenderError, render_conversation
 from deita_ray.embedding.summary import EmbedSummary
 from deita_ray.ingest.plan import Unit
-from deita_ray.ingest.read import PLAN_DIR, REJECT_SCHEMA, REJECTS_DIR, ReadUnitStage, plan_units, reject_row
+from deita_ray.ingest.read import (
+    PLAN_DIR,
+    REJECT_SCHEMA,
+    REJECTS_DIR,
+    ReadUnitStage,
+    check_output_outside_inputs,
+    plan_units,
+    reject_row,
+)
 from deita_ray.ingest.records import RejectReason
 from deita_ray.runtime import markers
 from deita_ray.runtime.faults import pause_point
@@ -395,6 +403,8 @@ def _check_inputs(config: EmbedConfig) -> tuple[str | None, list[str] | None]:
     """(the scored directory, or the raw files) — an unfinished scoring or inputs that match nothing
     fail here, before the output directory is claimed and Ray starts."""
     scored_dir = scored_input(config)
+    if scored_dir is None:
+        check_output_outside_inputs(config)
     if io.exists(f"{config.output}/{PLAN_DIR}/plan.json"):
         return scored_dir, None
     if scored_dir is not None:

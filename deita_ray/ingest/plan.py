@@ -21,7 +21,14 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from deita_ray import io
-from deita_ray.ingest.records import detect_file_format, id_hash, normalize_row
+from deita_ray.ingest.records import (
+    MAX_DEPTH,
+    RejectReason,
+    detect_file_format,
+    escape_surrogates,
+    id_hash,
+    normalize_row,
+)
 
 FORMAT_SNIFF_ROWS = 100
 
@@ -34,6 +41,7 @@ class SourceRow:
     raw: str
     value: Any = None
     error: str | None = None
+    error_reason: str = "unparseable"  # the RejectReason value of `error`
     blank: bool = False
     offset: int = 0  # byte offset of the line (jsonl); 0 for parquet
 
@@ -100,6 +108,9 @@ def iter_source_rows(kind: str, path: str, first_row: int = 0, n_rows: int | Non
                 yield SourceRow(row, text, value=json.loads(text), offset=offset)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 yield SourceRow(row, text, error=f"invalid JSON: {exc}", offset=offset)
+            except RecursionError:
+                yield SourceRow(row, text, error=f"JSON nested deeper than {MAX_DEPTH} levels (too deep to "
+                                "parse)", error_reason=RejectReason.TOO_DEEP.value, offset=offset)
         row += 1
 
 
@@ -110,15 +121,27 @@ def stage_json_array(path: str, staged_path: str) -> None:
             items = json.load(handle)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path}: not a valid JSON array file ({exc})") from exc
+        except RecursionError:
+            # One JSON document: an element too deep to parse cannot be rejected alone.
+            raise ValueError(f"{path}: JSON array file nested too deep to parse (rows may nest at most "
+                             f"{MAX_DEPTH} levels; as JSONL, a too-deep row is rejected alone)") from None
     if not isinstance(items, list):
         items = [items]
-    lines = [json.dumps(item, ensure_ascii=False) for item in items]
+    # Lone surrogates stay JSON escapes (the read stage rejects their rows): the staged file is UTF-8.
+    lines = [escape_surrogates(json.dumps(item, ensure_ascii=False)) for item in items]
     io.atomic_write_bytes(staged_path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
 
 
 def plan_file(file_index: int, source_file: str, staging_dir: str, rows_per_shard: int,
               input_format: str, id_field: str) -> dict[str, Any]:
-    """Plan one input file: units, format, and (hash1, hash2, row) of every valid row's id."""
+    """Plan one input file: units, format, and (hash1, hash2, row) of every valid row's id. A file that
+    cannot be read (truncated .gz, corrupt Parquet) raises io.UnreadableFileError naming it."""
+    with io.reading(source_file):
+        return _plan_file(file_index, source_file, staging_dir, rows_per_shard, input_format, id_field)
+
+
+def _plan_file(file_index: int, source_file: str, staging_dir: str, rows_per_shard: int,
+               input_format: str, id_field: str) -> dict[str, Any]:
     kind = io.source_kind(source_file)
     read_path = source_file
     if kind == "json":

@@ -13,7 +13,7 @@ import pyarrow as pa
 from deita_ray import io
 from deita_ray.config import ResourcesConfig
 from deita_ray.ingest.plan import Unit, attach_duplicates, find_duplicates, iter_source_rows, plan_file
-from deita_ray.ingest.records import Reject, RejectReason, normalize_row
+from deita_ray.ingest.records import Reject, RejectReason, escape_surrogates, normalize_row
 from deita_ray.runtime.units import require_columns, unit_row
 
 PLAN_DIR, REJECTS_DIR = "_plan", "rejects"
@@ -43,12 +43,13 @@ class RawInputConfig(Protocol):
 def reject_row(
     unit: Unit, row: int, raw: str, reason: RejectReason, message: str, sample_id: str | None = None
 ) -> dict[str, Any]:
-    """One rejected input row, in the rejects shard schema."""
+    """One rejected input row, in the rejects shard schema (lone surrogates written as escapes: the
+    shard is UTF-8)."""
     return {
-        "id": sample_id,
+        "id": None if sample_id is None else escape_surrogates(sample_id),
         "reason": reason.value,
-        "message": message,
-        "raw": raw,
+        "message": escape_surrogates(message),
+        "raw": escape_surrogates(raw),
         "source_file": unit.source_file,
         "source_row": row,
     }
@@ -74,7 +75,7 @@ class ReadUnitStage:
                 continue
             if source.error is not None:
                 rejects.append(
-                    reject_row(unit, source.row, source.raw, RejectReason.UNPARSEABLE, source.error)
+                    reject_row(unit, source.row, source.raw, RejectReason(source.error_reason), source.error)
                 )
                 continue
             record = (
@@ -124,6 +125,17 @@ def _raw_id(value: Any, id_field: str) -> str | None:
     return None
 
 
+def check_output_outside_inputs(config: RawInputConfig) -> None:
+    """Refuse an output directory equal to or inside an input directory: its files (config.json,
+    staged JSONL, summary.json) would be read back as input rows by the next run."""
+    inside = io.output_within_inputs(config.output, config.input)
+    if inside is not None:
+        raise ValueError(
+            f"output {config.output} is inside the input {inside}: a later run would read the output's "
+            "own files as input rows; choose an output directory outside the inputs"
+        )
+
+
 def plan_units(config: RawInputConfig, files: list[str] | None = None) -> list[Unit]:
     """Plan (or reload the cached plan of) the whole input; `files` = the expanded inputs, if the
     caller listed them already."""
@@ -142,7 +154,13 @@ def plan_units(config: RawInputConfig, files: list[str] | None = None) -> list[U
         task.remote(i, path, staging, config.rows_per_shard, config.input_format, config.id_field)
         for i, path in enumerate(files)
     ]
-    file_plans = ray.get(refs)
+    try:
+        file_plans = ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        # An unreadable file: its own one-line message (naming it), not the task's traceback.
+        if isinstance(exc.cause, io.UnreadableFileError):
+            raise io.UnreadableFileError(str(exc.cause)) from None
+        raise
     units = [Unit.from_dict(u) for plan in file_plans for u in plan["units"]]
     attach_duplicates(units, find_duplicates(file_plans))
     io.atomic_write_json(plan_path, {"files": files, "units": [u.to_dict() for u in units]})

@@ -18,6 +18,11 @@ from typing import Any
 
 FORMATS = ("sharegpt", "alpaca", "messages")
 
+# Deepest JSON nesting a row may have (containers inside containers; a chat row needs 4). Deeper rows are
+# rejected as `too_deep` at read time: past a few hundred levels the JSON encoder, pickle and Parquet hit
+# Python's recursion limit somewhere in the pipeline, and one such row must not end the run.
+MAX_DEPTH = 64
+
 # ShareGPT/OpenAI role spellings seen in the wild, mapped to the canonical three.
 ROLE_ALIASES = {
     "human": "user",
@@ -46,12 +51,63 @@ class RejectReason(str, Enum):
     DUPLICATE_ID = "duplicate_id"  # an earlier row (input order) has the same id
     TOO_LONG = "too_long"  # the truncation rule cannot fit a prompt into the scorer context
     SCORE_FAILED = "score_failed"  # the scorer returned no usable digit log-probs
+    TOO_DEEP = "too_deep"  # JSON nested deeper than MAX_DEPTH (anywhere in the row, extra fields too)
+    BAD_UNICODE = "bad_unicode"  # a lone UTF-16 surrogate (e.g. "\\ud800") in a string or key of the row
 
 
 @dataclass(frozen=True)
 class Reject:
     reason: RejectReason
     message: str
+
+
+def escape_surrogates(text: str) -> str:
+    """`text` with each lone UTF-16 surrogate written as its escape (`\\ud800`), so it can be stored as
+    UTF-8 (Parquet, JSON files); text without one comes back unchanged."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def check_value(row: Any) -> Reject | None:
+    """A row nested deeper than MAX_DEPTH, or holding a lone surrogate in any string or key, as a Reject.
+
+    Walks the row without recursion (a row too deep for Python's recursion must still be rejected, not
+    crash). Lone surrogates (JSON "\\ud800" escapes) are rejected rather than replaced: the scored output
+    keeps the input's text and id unchanged, a replacement character would silently alter the sample
+    (and could make two ids equal), and the strings could not be written as UTF-8 (Parquet) or passed
+    to a tokenizer (which raises TypeError on them) as they are."""
+    stack: list[tuple[Any, int, str]] = [(row, 1, "row")]
+    while stack:
+        value, depth, where = stack.pop()
+        if isinstance(value, str):
+            if _has_surrogate(value):
+                return Reject(RejectReason.BAD_UNICODE, f"{where} holds a lone UTF-16 surrogate")
+            continue
+        if isinstance(value, dict):
+            items = list(value.items())
+        elif isinstance(value, list | tuple):
+            items = list(enumerate(value))
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            return Reject(RejectReason.TOO_DEEP, f"{where} is nested deeper than {MAX_DEPTH} levels")
+        for key, item in items:
+            if isinstance(key, str) and _has_surrogate(key):
+                return Reject(RejectReason.BAD_UNICODE, f"a key of {where} holds a lone UTF-16 surrogate")
+            label = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{escape_surrogates(str(key))}"
+            stack.append((item, depth + 1, label if len(label) <= 80 else f"{label[:77]}..."))
+    return None
 
 
 def detect_format(row: Any) -> str | None:
@@ -174,6 +230,9 @@ def normalize_row(row: Any, fmt: str, id_field: str = "id") -> dict | Reject:
     """One parsed input row → canonical record or Reject."""
     if not isinstance(row, dict):
         return Reject(RejectReason.UNPARSEABLE, f"row is a JSON {type(row).__name__}, not an object")
+    problem = check_value(row)
+    if problem:
+        return problem
     if fmt == "auto":
         fmt = detect_format(row) or ""
     if fmt == "alpaca":
@@ -209,6 +268,7 @@ def scoring_pairs(conversations: list[dict[str, str]]) -> list[tuple[str, str]]:
 
 def id_hash(sample_id: str) -> tuple[int, int]:
     """128-bit hash of an id as two signed int64 (for compact duplicate detection over huge pools)."""
-    digest = hashlib.blake2b(sample_id.encode("utf-8"), digest_size=16).digest()
+    # surrogatepass: never raises (rows with lone surrogates are rejected before, see check_value).
+    digest = hashlib.blake2b(sample_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
     low, high = digest[:8], digest[8:]
     return int.from_bytes(low, "little", signed=True), int.from_bytes(high, "little", signed=True)

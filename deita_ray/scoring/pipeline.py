@@ -23,7 +23,15 @@ import pyarrow as pa
 
 from deita_ray import io
 from deita_ray.ingest.plan import Unit
-from deita_ray.ingest.read import PLAN_DIR, REJECT_SCHEMA, REJECTS_DIR, ReadUnitStage, plan_units, reject_row
+from deita_ray.ingest.read import (
+    PLAN_DIR,
+    REJECT_SCHEMA,
+    REJECTS_DIR,
+    ReadUnitStage,
+    check_output_outside_inputs,
+    plan_units,
+    reject_row,
+)
 from deita_ray.runtime.faults import pause_point
 from deita_ray.runtime.ray_cluster import current_node_id
 from deita_ray.runtime.units import (
@@ -198,6 +206,12 @@ def summarize(
     )
 
 
+def _check_inputs(config: ScoreConfig, plan_path: str) -> list[str] | None:
+    """The input files (None when a previous run's plan is reused); refuses an output inside an input."""
+    check_output_outside_inputs(config)
+    return None if io.exists(plan_path) else io.expand_inputs(config.input)
+
+
 def run_score(config: ScoreConfig) -> ScoreSummary:
     """Score a pool end to end (resuming what a previous run of the same config finished)."""
     plan_path = f"{config.output}/{PLAN_DIR}/plan.json"
@@ -209,7 +223,7 @@ def run_score(config: ScoreConfig) -> ScoreSummary:
             fingerprint=config.result_fingerprint,
             # Inputs that match nothing fail here, before the output directory is claimed (a claimed one
             # would refuse the corrected input as a config change) and before Ray starts.
-            check_inputs=lambda: None if io.exists(plan_path) else io.expand_inputs(config.input),
+            check_inputs=lambda: _check_inputs(config, plan_path),
             plan=lambda files: plan_units(config, files),
             pipeline=lambda pending: build_dataset(config, pending),
             summarize=lambda units, timings, run: summarize(config, units, timings, run),

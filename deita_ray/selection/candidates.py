@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from deita_ray import io
+from deita_ray.runtime import markers
 from deita_ray.selection.similarity import normalize_rows
 
 
@@ -32,7 +33,7 @@ class Excluded(str, Enum):
     BAD_SCORE = "bad_score"  # score is null, NaN or infinite
     DUPLICATE_SCORE = "duplicate_score"  # a second score row with the same id (the first one counts)
     DUPLICATE_EMBEDDING = "duplicate_embedding"  # a second embedding row with the same id (first counts)
-    WRONG_DIMENSION = "wrong_dimension"  # not the pool's (most common) embedding dimension
+    DIMENSION_MISMATCH = "dimension_mismatch"  # not the pool's dimension (that of most embedding rows)
     NON_FINITE_EMBEDDING = "non_finite_embedding"  # NaN or infinite component
     ZERO_NORM = "zero_norm"  # all-zero vector: no direction, cosine similarity undefined
     NULL_ID = "null_id"
@@ -44,11 +45,27 @@ EXCLUDED_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("det
 # --- locating inputs ------------------------------------------------------------------------------
 
 
+def check_stage_complete(path: str, stage: str) -> None:
+    """Refuse the output directory of a `deita-ray` stage run that has not finished (killed mid-way, or
+    still running): selecting from its finished part would report the rest as missing. A directory
+    the stage made has its config.json (claimed first) and, once complete, its summary.json (last)."""
+    if io.exists(f"{path}/config.json") and not io.exists(f"{path}/summary.json"):
+        plan_path = f"{path}/_plan/plan.json"
+        planned = len(io.read_json(plan_path)["units"]) if io.exists(plan_path) else None
+        done = len(markers.completed_units(path))
+        progress = f"{done} of {planned} units done" if planned is not None else f"{done} units done"
+        raise ValueError(
+            f"{path}: `deita-ray {stage}` has not finished there ({progress}, no summary.json); "
+            f"re-run `deita-ray {stage}` with the same config to finish it first"
+        )
+
+
 def score_files(paths: list[str]) -> list[str]:
     """A score output directory means its scored/ shards; anything else is expanded as input files."""
     files = []
     for path in paths:
         if io.exists(f"{path}/scored"):
+            check_stage_complete(path, "score")
             files += io.list_files(f"{path}/scored", ".parquet")
         else:
             files += io.expand_inputs([path])
@@ -61,6 +78,7 @@ def embedding_files(paths: list[str]) -> list[str]:
     files = []
     for path in paths:
         if io.exists(f"{path}/embeddings"):
+            check_stage_complete(path, "embed")
             files += io.list_files(f"{path}/embeddings", ".parquet")
         else:
             files += [f for f in io.expand_inputs([path]) if f.endswith(".parquet")]
@@ -71,7 +89,8 @@ def embedding_files(paths: list[str]) -> list[str]:
 
 def embedding_metadata(files: list[str]) -> dict[str, Any]:
     """The `deita_ray` metadata written by `deita-ray embed` (model, normalisation), if any."""
-    metadata = pq.read_schema(files[0]).metadata or {}
+    with io.reading(files[0]):
+        metadata = pq.read_schema(files[0]).metadata or {}
     raw = metadata.get(b"deita_ray")
     return json.loads(raw) if raw else {}
 
@@ -83,32 +102,35 @@ def read_scores(files: list[str], score_column: str) -> pa.Table:
     """(id: string, score: float64, score_file: int32, score_row: int64) for every score row."""
     tables = []
     for index, path in enumerate(files):
-        if io.source_kind(path) == "parquet":
-            names = pq.read_schema(path).names
-            missing = [c for c in ("id", score_column) if c not in names]
-            if missing:
-                raise ValueError(f"{path}: score file lacks column(s) {missing}; has {names}")
-            table = pq.read_table(path, columns=["id", score_column])
-            ids, scores = table.column("id"), table.column(score_column)
-        else:
-            rows = [io.parse_json_line(line) for _, line in io.iter_lines(path) if line.strip()]
-            if rows and isinstance(rows[0], list):  # a JSON array file
-                rows = rows[0]
-            if any(not isinstance(r, dict) or "id" not in r or score_column not in r for r in rows):
-                raise ValueError(f"{path}: every score row needs 'id' and {score_column!r}")
-            ids = pa.array([r["id"] for r in rows])
-            scores = pa.array([r[score_column] for r in rows])
-        tables.append(
-            pa.table(
-                {
-                    "id": _as_text(ids),
-                    "score": pc.cast(scores, pa.float64(), safe=False),
-                    "score_file": pa.array(np.full(len(ids), index, dtype=np.int32)),
-                    "score_row": pa.array(np.arange(len(ids), dtype=np.int64)),
-                }
-            )
-        )
+        with io.reading(path):
+            tables.append(_read_score_file(path, index, score_column))
     return pa.concat_tables(tables)
+
+
+def _read_score_file(path: str, index: int, score_column: str) -> pa.Table:
+    if io.source_kind(path) == "parquet":
+        names = pq.read_schema(path).names
+        missing = [c for c in ("id", score_column) if c not in names]
+        if missing:
+            raise ValueError(f"{path}: score file lacks column(s) {missing}; has {names}")
+        table = pq.read_table(path, columns=["id", score_column])
+        ids, scores = table.column("id"), table.column(score_column)
+    else:
+        rows = [io.parse_json_line(line) for _, line in io.iter_lines(path) if line.strip()]
+        if rows and isinstance(rows[0], list):  # a JSON array file
+            rows = rows[0]
+        if any(not isinstance(r, dict) or "id" not in r or score_column not in r for r in rows):
+            raise ValueError(f"{path}: every score row needs 'id' and {score_column!r}")
+        ids = pa.array([r["id"] for r in rows])
+        scores = pa.array([r[score_column] for r in rows])
+    return pa.table(
+        {
+            "id": _as_text(ids),
+            "score": pc.cast(scores, pa.float64(), safe=False),
+            "score_file": pa.array(np.full(len(ids), index, dtype=np.int32)),
+            "score_row": pa.array(np.arange(len(ids), dtype=np.int64)),
+        }
+    )
 
 
 def _as_text(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -139,21 +161,42 @@ def vectors_of(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarr
     return matrix, lengths
 
 
+def vector_checks(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(length, non_finite, zero_norm) of each vector of a list column, each judged on its own
+    components only: no padded matrix, so one overlong vector neither taints the other rows (padding
+    read as NaN) nor blows up memory."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n = len(column)
+    if pa.types.is_fixed_size_list(column.type):
+        lengths = np.full(n, column.type.list_size, dtype=np.int64)
+        if column.null_count:
+            lengths[np.asarray(column.is_null())] = 0
+    else:
+        lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy().astype(np.int64)
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if len(values) != int(lengths.sum()):  # flatten() skips null rows: line the values up again
+        raise ValueError(f"embedding column: {len(values)} values for rows of total length {lengths.sum()}")
+    owner = np.repeat(np.arange(n), lengths)
+    finite = np.isfinite(values)
+    bad = np.bincount(owner, weights=~finite, minlength=n) > 0
+    nonzero = np.bincount(owner, weights=finite & (values != 0), minlength=n) > 0
+    return lengths, bad, ~nonzero & ~bad
+
+
 def scan_embedding_file(path: str, file_index: int) -> pa.Table:
-    """One row per embedding row: id, file, row, dim, non_finite, zero_norm (no vectors)."""
-    table = pq.read_table(path, columns=["id", "embedding"])
-    matrix, lengths = vectors_of(table.column("embedding"))
-    with np.errstate(invalid="ignore"):
-        finite = np.isfinite(matrix).all(axis=1) if matrix.shape[1] else np.ones(len(matrix), bool)
-        # Padding NaNs of shorter rows make `finite` false there; those rows fail on dimension first.
-        zero = ~np.any(np.nan_to_num(matrix) != 0, axis=1)
+    """One row per embedding row: id, file, row, dim, non_finite, zero_norm (no vectors). An unreadable
+    file raises io.UnreadableFileError naming it."""
+    with io.reading(path):
+        table = pq.read_table(path, columns=["id", "embedding"])
+    lengths, non_finite, zero = vector_checks(table.column("embedding"))
     return pa.table(
         {
             "id": _as_text(table.column("id")),
             "file": pa.array(np.full(len(table), file_index, dtype=np.int32)),
             "row": pa.array(np.arange(len(table), dtype=np.int64)),
             "dim": pa.array(lengths),
-            "non_finite": pa.array(~finite),
+            "non_finite": pa.array(non_finite),
             "zero_norm": pa.array(zero),
         }
     )
@@ -196,6 +239,22 @@ def _excluded(ids: pa.Array | pa.ChunkedArray, reason: Excluded, detail: list[st
     )
 
 
+def pool_dimension(dims: np.ndarray) -> int:
+    """The pool's embedding dimension: the one more than half of the vectors have. Without such a
+    majority the pool has no clear dimension (two models' embeddings mixed?) and is refused, rather than
+    guessing and excluding the larger part of the pool."""
+    values, counts = np.unique(dims, return_counts=True)
+    best = int(np.argmax(counts))
+    if 2 * counts[best] <= len(dims):
+        by_count = sorted(zip(values.tolist(), counts.tolist(), strict=True), key=lambda vc: -vc[1])
+        found = ", ".join(f"{c} of dimension {v}" for v, c in by_count[:4])
+        raise ValueError(
+            f"the embeddings have no clear dimension (no dimension is held by more than half of the "
+            f"{len(dims)} vectors: {found}); were they made by different models?"
+        )
+    return int(values[best])
+
+
 def plan_candidates(scores: pa.Table, scans: list[pa.Table], files: list[str]) -> CandidatePlan:
     """Join scores and embedding scans by id, classify every row that cannot be a candidate, rank
     the rest. Every score row and every embedding row ends as a candidate or an excluded row."""
@@ -234,10 +293,9 @@ def plan_candidates(scores: pa.Table, scans: list[pa.Table], files: list[str]) -
     valid_dims = dims[dims > 0]
     if not len(valid_dims):
         raise ValueError(f"no embedding rows with a vector in {len(files)} file(s)")
-    values, counts = np.unique(valid_dims, return_counts=True)
-    dim = int(values[np.argmax(counts)])  # the pool's dimension: the most common one
+    dim = pool_dimension(valid_dims)
     status = np.full(len(embedded), "", dtype=object)
-    status[dims != dim] = Excluded.WRONG_DIMENSION.value
+    status[dims != dim] = Excluded.DIMENSION_MISMATCH.value
     status[(status == "") & embedded.column("non_finite").to_numpy(zero_copy_only=False)] = (
         Excluded.NON_FINITE_EMBEDDING.value
     )
@@ -248,7 +306,7 @@ def plan_candidates(scores: pa.Table, scans: list[pa.Table], files: list[str]) -
     status[(status == "") & ~first] = Excluded.DUPLICATE_EMBEDDING.value
     # An id whose first embedding row is bad is excluded for that reason; later duplicates of it too.
     for reason in (
-        Excluded.WRONG_DIMENSION,
+        Excluded.DIMENSION_MISMATCH,
         Excluded.NON_FINITE_EMBEDDING,
         Excluded.ZERO_NORM,
         Excluded.DUPLICATE_EMBEDDING,
@@ -257,7 +315,7 @@ def plan_candidates(scores: pa.Table, scans: list[pa.Table], files: list[str]) -
         if mask.any():
             detail = (
                 [f"dimension {d}, pool dimension {dim}" for d in dims[mask].tolist()]
-                if reason is Excluded.WRONG_DIMENSION
+                if reason is Excluded.DIMENSION_MISMATCH
                 else ""
             )
             excluded.append(_excluded(embedded.filter(pa.array(mask)).column("id"), reason, detail))

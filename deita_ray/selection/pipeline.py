@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -285,9 +286,27 @@ def _rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
         return pa.table(columns)
 
 
+def strict_json_value(value: Any) -> Any:
+    """`value` with every NaN/infinite float (in nested lists and dicts too) as None: strict JSON has no
+    NaN or Infinity, and `selected.jsonl` is read by strict parsers (e.g. `jq`, JavaScript, Go).
+    selected.parquet keeps the float values as they are."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json_value(item) for item in value]
+    if hasattr(value, "dtype") and hasattr(value, "tolist"):  # numpy scalars and arrays
+        return strict_json_value(value.tolist())
+    return value
+
+
 def write_outputs(config: SelectConfig, rows: list[dict[str, Any]], plan: cand.CandidatePlan) -> None:
     out = config.output
-    lines = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+    lines = "".join(
+        json.dumps(strict_json_value(r), ensure_ascii=False, default=str, allow_nan=False) + "\n"
+        for r in rows
+    )
     io.atomic_write_bytes(f"{out}/selected.jsonl", lines.encode("utf-8"))
     io.atomic_write_bytes(f"{out}/selected.parquet", io.table_to_parquet_bytes(_rows_to_table(rows)))
     io.atomic_write_bytes(f"{out}/excluded.parquet", io.table_to_parquet_bytes(plan.excluded))
