@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from deita_ray.config import is_result_field, load_yaml
+from deita_ray.config import is_result_field, load_yaml, safe_url
 from deita_ray.runtime.stage import Stage, stages
 
 RESERVED = ("config", "set")  # flags every stage command has besides its config's
@@ -284,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in commands:
             stage = commands[args.command]
-            for line in stage.run(config_from_args(stage, args)).report_lines():
+            config = config_from_args(stage, args)
+            stage.check(config, args.command)  # e.g. a mistyped model path: before Ray and the claim
+            for line in stage.run(config).report_lines():
                 print(line)
         elif args.command == "run":
             _run(run_config_from_args(args))
@@ -305,13 +307,47 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             _run(config)
-    except ValidationError as exc:
+    except ValidationError as exc:  # configs hide input values, so a mistyped secret is not echoed
         print(f"deita-ray {args.command}: invalid config:\n{exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError, MemoryError) as exc:
-        print(f"deita-ray {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        what = "finished units and stages are kept" if args.command != "select" else "the scan resumes"
+        print(f"\ndeita-ray {args.command}: interrupted; run the same command again to resume ({what})",
+              file=sys.stderr, flush=True)
+        return 130
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:
+        print(f"deita-ray {args.command}: error: {error_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        cause = root_cause(exc)
+        if cause is exc or not isinstance(cause, (OSError, ValueError, RuntimeError, MemoryError)):
+            raise  # a bug: keep its traceback
+        print(f"deita-ray {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error a Ray task or actor raised, out of the wrappers Ray and Ray Data put around it."""
+    for _ in range(10):
+        inner = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError
+        if not isinstance(inner, BaseException) and type(exc).__module__.startswith("ray."):
+            inner = exc.__cause__  # Ray Data's UserCodeException etc.
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an error: the root cause's message (no remote traceback), first line only, with
+    URL credentials removed."""
+    cause = root_cause(exc)
+    message = str(cause).strip() or type(cause).__name__
+    first = message.splitlines()[0]
+    if isinstance(cause, OSError) and not isinstance(cause, (FileNotFoundError, ConnectionError)):
+        first = f"{type(cause).__name__}: {first}"
+    return " ".join(safe_url(word) for word in first.split(" "))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ generation), and the Ray Data pipeline shape under it:
     read stage (tasks) → model stage (actor pool, model loaded once per actor) → write stage (tasks)
 
 over the pending work units, one Ray Data row per unit. `run_unit_stage` is the whole driver sequence:
-check the inputs → claim the output → connect → plan → pending units → stream → tally → summary.
+check the inputs → lock and claim the output → connect → plan → pending units → stream → tally → summary.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from deita_ray import io
+from deita_ray.config import as_written
 from deita_ray.ingest.plan import Unit
 from deita_ray.runtime import markers
+from deita_ray.runtime.lock import output_lock
 from deita_ray.runtime.stage import StageSummary
 
 if TYPE_CHECKING:
@@ -237,7 +239,7 @@ def unit_summary_fields(config: Any, units: list[Unit], tally: UnitTally, timing
         "units_this_run": run.units,
         "timings": timings,
         "throughput": throughput,
-        "config": config.model_dump(mode="json"),
+        "config": as_written(config.model_dump(mode="json")),
     }
 
 
@@ -275,6 +277,11 @@ def run_unit_stage(stage: UnitStage, config: Any) -> Any:
     OUTPUT/summary.json last and returns the stage's typed summary."""
     started = time.perf_counter()
     planning_input = stage.check_inputs()
+    with output_lock(config.output):  # one writer per output directory
+        return _run_locked(stage, config, started, planning_input)
+
+
+def _run_locked(stage: UnitStage, config: Any, started: float, planning_input: Any) -> Any:
     markers.claim_output(
         config.output,
         stage.fingerprint(),
