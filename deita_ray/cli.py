@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 import types
 import typing
@@ -319,12 +321,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deita-ray {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 1
     except Exception as exc:
-        cause = root_cause(exc)
-        if cause is exc or not isinstance(cause, (OSError, ValueError, RuntimeError, MemoryError)):
-            raise  # a bug: keep its traceback
-        print(f"deita-ray {args.command}: error: {error_line(exc)}", file=sys.stderr)
+        # Raised in a Ray task or actor (Ray and Ray Data wrap it, often without the original object):
+        # one line, the remote error's; DEITA_RAY_TRACEBACK=1 shows the whole remote traceback.
+        if not type(exc).__module__.startswith("ray.") or os.environ.get("DEITA_RAY_TRACEBACK"):
+            raise  # a bug of this process: keep its traceback
+        print(f"deita-ray {args.command}: error: {error_line(exc)} (DEITA_RAY_TRACEBACK=1 for the "
+              "traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+# The last line of a remote traceback: "package.module.SomeError: message".
+_REMOTE_ERROR = re.compile(r"^\s*((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception): .*)$", re.M)
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -345,6 +353,12 @@ def error_line(exc: BaseException) -> str:
     cause = root_cause(exc)
     message = str(cause).strip() or type(cause).__name__
     first = message.splitlines()[0]
+    if type(cause).__module__.startswith("ray."):  # the remote error survives only in the traceback text
+        text = f"{exc}\n{message}"  # the traceback is in the outer wrapper's text
+        remote = [m.group(1) for m in _REMOTE_ERROR.finditer(text) if not m.group(1).startswith("ray.")]
+        if remote:
+            name, _, text = remote[-1].partition(": ")
+            first = f"{name.rsplit('.', 1)[-1]}: {text}"
     if isinstance(cause, OSError) and not isinstance(cause, (FileNotFoundError, ConnectionError)):
         first = f"{type(cause).__name__}: {first}"
     return " ".join(safe_url(word) for word in first.split(" "))

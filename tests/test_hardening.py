@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_cluster import ray_local  # noqa: F401
 
 from deita_ray import cli
 from deita_ray.runtime import markers
@@ -276,3 +277,65 @@ def test_ctrl_c_exits_130_with_how_to_resume_and_releases_the_lock(tmp_path, cap
     assert "interrupted" in err and "run the same command again to resume" in err
     assert "Traceback" not in err
     assert not (tmp_path / "out" / LOCK_FILE).exists()
+
+
+# --- a real run: every file and log of it, for each way a secret can enter -----------------------------
+
+
+@pytest.mark.integration
+def test_a_run_writes_and_logs_no_secret_and_an_unreachable_endpoint_is_one_line(
+        tmp_path, capfd, monkeypatch, tiny_llama, ray_local):  # noqa: F811
+    import ray
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Failing)  # always 503: retried, then given up
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"id": f"r{i}", "instruction": f"q{i}", "output": "a"}) + "\n"
+                            for i in range(3)))
+    reference = f"${{{KEY_ENV}}}"
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump({
+        "input": [str(pool)], "output": str(tmp_path / "run"),
+        "score": {
+            "complexity_model": str(tiny_llama), "quality_model": str(tiny_llama),
+            # the key as the URL's password and query value, and in the actors' environment
+            "backend": {"type": "openai", "base_url": f"http://user:{reference}@127.0.0.1:{port}/v1"
+                                                      f"?api_key={reference}",
+                        "api_key_env": KEY_ENV, "max_retries": 1, "timeout_s": 5},
+            "resources": {"actor_num_cpus": 0.5, "actor_env": {"DEITA_RAY_TEST_TOKEN": reference}},
+        },
+    }))
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    try:
+        assert cli.main(["run", str(run_yaml)]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    captured = capfd.readouterr()
+    err = captured.err.strip().splitlines()[-1]
+    assert err.startswith("deita-ray run: error:") and "failed after 1 retries" in err
+    assert f"127.0.0.1:{port}/v1" in err and "Traceback" not in captured.err
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["score"]["resources"]["actor_env"]["DEITA_RAY_TEST_TOKEN"] == reference
+    assert SECRET not in captured.out + captured.err
+    assert _files_containing(tmp_path / "run", SECRET) == []
+    time.sleep(2)  # the actor's retry warnings reach its log file
+    assert any(b"retry 1/1" in p.read_bytes() for p in logs.glob("worker-*.err"))
+    assert _files_containing(logs, SECRET) == []
+
+
+def test_secret_actor_env_is_set_in_the_actor_itself(monkeypatch):
+    from deita_ray.runtime.units import with_environment
+
+    class Stage:
+        def __init__(self, seen):
+            seen.append(os.environ.get("DEITA_RAY_TEST_TOKEN"))
+
+    monkeypatch.delenv("DEITA_RAY_TEST_TOKEN", raising=False)
+    seen: list = []
+    wrapped = with_environment(Stage, {"DEITA_RAY_TEST_TOKEN": SECRET})
+    wrapped(seen)
+    assert seen == [SECRET] and wrapped.__name__ == "Stage"
+    monkeypatch.delenv("DEITA_RAY_TEST_TOKEN")

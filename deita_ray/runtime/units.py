@@ -14,6 +14,7 @@ import datetime
 import decimal
 import json
 import logging
+import os
 import time
 import warnings
 from collections import Counter
@@ -116,6 +117,20 @@ def append_unit_row(out: dict[str, list], unit_json: str, payload: str, items: A
         out.setdefault(name, []).append(value)
 
 
+def with_environment(model_stage: type, env: dict[str, str]) -> type:
+    """`model_stage` setting `env` in its actor's process before its own constructor runs (the values
+    travel inside the pickled class, never through a runtime_env or a file)."""
+
+    class WithEnvironment(model_stage):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            os.environ.update(env)
+            super().__init__(*args, **kwargs)
+
+    WithEnvironment.__name__ = model_stage.__name__
+    WithEnvironment.__qualname__ = model_stage.__qualname__
+    return WithEnvironment
+
+
 def unit_pipeline(
     pending: list[Unit],
     read_stage: Any,
@@ -135,6 +150,12 @@ def unit_pipeline(
     # once the actor is dead for good): a lost node makes every call fail fast ("actor unavailable")
     # until the node is declared dead, and a per-call budget was spent there before the actor restarted.
     actor_args = {"max_restarts": resources.max_task_retries, "max_task_retries": -1}
+    # actor_env values written as `${VAR}` (secrets) are set by the actor itself, not through the
+    # runtime_env, which Ray writes to its logs (runtime_env_agent.log).
+    public_env = {k: v for k, v in resources.actor_env.items() if as_written(v) == v}
+    secret_env = {k: v for k, v in resources.actor_env.items() if k not in public_env}
+    if secret_env:
+        model_stage = with_environment(model_stage, secret_env)
     ds = ray.data.from_items(
         [{"unit": json.dumps(u.to_dict())} for u in pending], override_num_blocks=max(1, len(pending))
     )
@@ -149,7 +170,7 @@ def unit_pipeline(
             num_cpus=resources.actor_num_cpus,
             num_gpus=resources.actor_num_gpus,
             resources=resources.actor_resources or None,
-            runtime_env={"env_vars": resources.actor_env} if resources.actor_env else None,
+            runtime_env={"env_vars": public_env} if public_env else None,
             **actor_args,
         )
         return ds.map(write_stage, **task_args)
