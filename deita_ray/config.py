@@ -129,6 +129,13 @@ class ResourcesConfig(StrictConfig):
         "settings. Give a secret as a reference, {HF_TOKEN: '${HF_TOKEN}'}: the actors get the value, "
         "the files and logs only the reference (never write a literal secret here).",
     )
+    stall_warning_s: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds without a finished unit after which the driver reports the stall and what "
+        "the stage is waiting for (its actors' and tasks' resource demand, the cluster's free resources), "
+        "repeated every period; 0 turns the report off.",
+    )
     max_task_retries: int = Field(
         3,
         ge=0,

@@ -339,3 +339,49 @@ def test_secret_actor_env_is_set_in_the_actor_itself(monkeypatch):
     wrapped(seen)
     assert seen == [SECRET] and wrapped.__name__ == "Stage"
     monkeypatch.delenv("DEITA_RAY_TEST_TOKEN")
+
+
+# --- 4. runs that can never schedule say so ------------------------------------------------------------
+
+
+def test_an_actor_taking_every_cpu_is_refused_on_local_ray_and_warned_on_a_cluster(
+        tmp_path, monkeypatch, capsys, caplog, tiny_llama):
+    from deita_ray.runtime import ray_cluster
+    from deita_ray.runtime.stage import get_stage
+    from deita_ray.scoring.config import ScoreConfig
+
+    monkeypatch.setattr(ray_cluster, "alive_nodes", lambda: [{"CPU": 2.0, "memory": 1e9}])
+    config = ScoreConfig(input=["x"], output=str(tmp_path / "o"), complexity_model=str(tiny_llama),
+                         quality_model=str(tiny_llama), resources={"actor_num_cpus": 2})
+    with pytest.raises(ValueError, match=r"leave no 0.25 CPU for the read/write tasks .* cluster of 2 CPU"):
+        get_stage("score").preflight(config, False)  # the local Ray: an error before any work
+    with caplog.at_level("WARNING"):
+        get_stage("score").preflight(config, True)  # a joined cluster may still grow: a warning
+    assert "waiting for the autoscaler" in caplog.text
+    two = config.model_copy(update={"resources": config.resources.model_copy(
+        update={"actor_num_cpus": 1.0, "min_actors": 2})})
+    with pytest.raises(ValueError, match="leave no"):
+        get_stage("embed").preflight(two, False)
+    # The stage command checks it too (here on a stand-in local Ray), before scoring anything.
+    monkeypatch.setattr(ray_cluster, "connect_ray", lambda address: None)
+    monkeypatch.setattr(ray_cluster, "joined_cluster", lambda address: False)
+    path = _score_yaml(tmp_path, str(tiny_llama))
+    assert cli.main(["score", "--config", str(path), "--num-cpus", "2"]) == 1
+    assert "read/write tasks" in capsys.readouterr().err
+
+
+def test_a_stalled_stage_reports_what_it_waits_for(caplog):
+    from deita_ray.config import ResourcesConfig
+    from deita_ray.runtime.units import StallWatch, _waiting_for
+
+    resources = ResourcesConfig(actor_num_cpus=4, stall_warning_s=0.2)
+    watch = StallWatch("score", 3, resources.stall_warning_s,
+                       lambda: _waiting_for(resources, "available {'CPU': 1.75} of {'CPU': 2.0}"))
+    with caplog.at_level("WARNING"), watch:
+        time.sleep(0.9)
+    assert "deita-ray score: no unit finished for" in caplog.text
+    assert "actor(s) of {'CPU': 4.0}" in caplog.text and "'CPU': 1.75" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"), StallWatch("score", 3, 0.0, lambda: "x"):  # 0: off
+        time.sleep(0.3)
+    assert caplog.text == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from deita_ray.config import check_model_reference
 from deita_ray.embedding.config import EmbedConfig
 from deita_ray.embedding.summary import EmbedSummary
+from deita_ray.runtime.ray_cluster import check_unit_room
 from deita_ray.runtime.stage import RunPaths, Stage, lazy, register_stage
 
 
@@ -23,6 +24,7 @@ EMBED = register_stage(
         reads=("score",),
         wire=_wire,
         actor_demand=lambda config: [config.resources.actor_demand()],
+        preflight=lambda config, joined: check_unit_room("embed", config.resources, joined),
         check=lambda config, where: check_model_reference(config.model, f"{where}.model"),
         cli_shortcuts={
             "kind": ("embedder.kind",),

@@ -92,3 +92,56 @@ def check_feasible(stages: Mapping[str, Stage], configs: Mapping[str, Any], join
                 raise ValueError(message + "; lower the stage's resources or run on a cluster that has them")
             logger.warning("%s; waiting for the autoscaler to add one", message)
         stage.preflight(configs[name], joined)
+
+
+def _fits(free: dict[str, float], demand: dict[str, float]) -> bool:
+    return all(free.get(k, 0.0) >= v for k, v in demand.items())
+
+
+def unit_room_problem(name: str, resources: Any, nodes: list[dict[str, float]]) -> str | None:
+    """What keeps a unit stage from ever running on these nodes, or None: its `min_actors` model actors
+    (packed onto the nodes first fit) must leave `task_num_cpus` somewhere for the read/write tasks that
+    feed them. An actor asking for every CPU of the only node would otherwise wait forever."""
+    demand = {k: v for k, v in resources.actor_demand().items() if v > 0}
+    free = [{k: float(v) for k, v in node.items()} for node in nodes]
+    for placed in range(resources.min_actors):
+        node = next((n for n in free if _fits(n, demand)), None)
+        if node is None:
+            return (f"{name}: {resources.min_actors} actor(s) of {demand} do not fit the Ray cluster "
+                    f"(placed {placed}; nodes: {_describe(nodes)})")
+        for k, v in demand.items():
+            node[k] = node.get(k, 0.0) - v
+    if not any(n.get("CPU", 0.0) >= resources.task_num_cpus for n in free):
+        total = sum(n.get("CPU", 0.0) for n in nodes)
+        return (f"{name}: {resources.min_actors} actor(s) × {resources.actor_num_cpus} CPU leave no "
+                f"{resources.task_num_cpus} CPU for the read/write tasks (resources.task_num_cpus) on a "
+                f"cluster of {total:g} CPU; lower resources.actor_num_cpus or min_actors")
+    return None
+
+
+def _describe(nodes: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in n.items() if not k.startswith("node:") and "memory" not in k} for n in nodes]
+
+
+def check_unit_room(name: str, resources: Any, joined: bool) -> None:
+    """`unit_room_problem` on the cluster now: an error on the local Ray this run started (it will not
+    grow), a warning on a joined cluster (an autoscaler may still add nodes)."""
+    problem = unit_room_problem(name, resources, alive_nodes())
+    if problem and not joined:
+        raise ValueError(problem)
+    if problem:
+        logger.warning("%s; waiting for the autoscaler to add room", problem)
+
+
+def pending_demand() -> str:
+    """What the cluster could not schedule yet, in words (for a stalled run's report)."""
+    import ray
+
+    try:
+        available = {k: round(v, 2) for k, v in ray.available_resources().items()
+                     if not k.startswith("node:") and "memory" not in k}
+        total = {k: round(v, 2) for k, v in ray.cluster_resources().items()
+                 if not k.startswith("node:") and "memory" not in k}
+    except Exception as exc:  # noqa: BLE001 - a report must not fail the run
+        return f"(cluster resources unavailable: {exc})"
+    return f"available {available} of {total}"

@@ -15,6 +15,7 @@ import decimal
 import json
 import logging
 import os
+import threading
 import time
 import warnings
 from collections import Counter
@@ -293,6 +294,75 @@ class UnitStage:
     finished_at_key: str | None = None  # a marker time stamp (wall clock) of the model's finish, if any
 
 
+def _stream(stage: UnitStage, config: Any, pending: list[Unit], progress: RunProgress, planned: float,
+            last_report: float, watch: StallWatch) -> None:
+    """Consume the pipeline over the pending units, counting this run's progress and logging it."""
+    for index, row in enumerate(stage.pipeline(pending).iter_rows(), start=1):
+        counts = json.loads(row["counts"])
+        progress.rows += counts["input_rows"]
+        progress.tokens += counts.get(stage.token_key, 0)
+        if stage.finished_at_key:
+            progress.finished_at.append((counts[stage.finished_at_key], counts["input_rows"]))
+        now = time.perf_counter()
+        watch.progressed(index)
+        if index == len(pending) or now - last_report > 10:
+            last_report = now
+            logger.warning(
+                "deita-ray %s: %d/%d units, %d rows this run (%.1f rows/s)",
+                stage.verb,
+                index,
+                len(pending),
+                progress.rows,
+                progress.rows / max(now - planned, 1e-9),
+            )
+
+
+class StallWatch:
+    """Reports, from a thread of the driver, when no unit has finished for `period_s` seconds (again
+    every period while the stall lasts), with what the stage waits for: a run that cannot schedule
+    says so instead of waiting in silence. `period_s` 0 turns it off."""
+
+    def __init__(self, verb: str, total: int, period_s: float, waiting_for: Callable[[], str]) -> None:
+        self.verb, self.total, self.period_s, self.waiting_for = verb, total, period_s, waiting_for
+        self.done = 0
+        self.last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def progressed(self, done: int) -> None:
+        self.done, self.last = done, time.monotonic()
+
+    def _watch(self) -> None:
+        reported = self.last
+        while not self._stop.wait(min(self.period_s, 5.0)):
+            now = time.monotonic()
+            if now - self.last >= self.period_s and now - max(reported, self.last) >= self.period_s:
+                reported = now
+                logger.warning(
+                    "deita-ray %s: no unit finished for %.0f s (%d/%d done this run); waiting for %s",
+                    self.verb, now - self.last, self.done, self.total, self.waiting_for(),
+                )
+
+    def __enter__(self) -> StallWatch:
+        if self.period_s > 0:
+            self._thread = threading.Thread(target=self._watch, name="deita-ray-stall-watch", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def _waiting_for(resources: Any, cluster: str) -> str:
+    if resources is None:
+        return f"the cluster ({cluster})"
+    demand = {k: v for k, v in resources.actor_demand().items() if v > 0}
+    return (f"{resources.min_actors}-{resources.max_actors} actor(s) of {demand} and read/write tasks of "
+            f"{resources.task_num_cpus} CPU; cluster: {cluster}")
+
+
 def run_unit_stage(stage: UnitStage, config: Any) -> Any:
     """Run a unit stage end to end, resuming what a previous run of the same config finished. Writes
     OUTPUT/summary.json last and returns the stage's typed summary."""
@@ -310,9 +380,13 @@ def _run_locked(stage: UnitStage, config: Any, started: float, planning_input: A
         config.overwrite,
         owned=(*stage.owned, markers.MARKER_DIR, SUMMARY_FILE),
     )
-    from deita_ray.runtime.ray_cluster import connect_ray
+    from deita_ray.runtime.ray_cluster import check_unit_room, connect_ray, joined_cluster, pending_demand
 
+    joined = joined_cluster(config.ray_address)
     connect_ray(config.ray_address)
+    resources = getattr(config, "resources", None)
+    if resources is not None:  # the actors and the tasks around them must fit (error on a local Ray)
+        check_unit_room(stage.verb, resources, joined)
     units = stage.plan(planning_input)
     planned = time.perf_counter()
     done = markers.completed_units(config.output)
@@ -328,23 +402,10 @@ def _run_locked(stage: UnitStage, config: Any, started: float, planning_input: A
     progress = RunProgress(units=len(pending))
     if pending:
         last_report = time.perf_counter()
-        for index, row in enumerate(stage.pipeline(pending).iter_rows(), start=1):
-            counts = json.loads(row["counts"])
-            progress.rows += counts["input_rows"]
-            progress.tokens += counts.get(stage.token_key, 0)
-            if stage.finished_at_key:
-                progress.finished_at.append((counts[stage.finished_at_key], counts["input_rows"]))
-            now = time.perf_counter()
-            if index == len(pending) or now - last_report > 10:
-                last_report = now
-                logger.warning(
-                    "deita-ray %s: %d/%d units, %d rows this run (%.1f rows/s)",
-                    stage.verb,
-                    index,
-                    len(pending),
-                    progress.rows,
-                    progress.rows / max(now - planned, 1e-9),
-                )
+        watch = StallWatch(stage.verb, len(pending), resources.stall_warning_s if resources else 0.0,
+                           lambda: _waiting_for(resources, pending_demand()))
+        with watch:
+            _stream(stage, config, pending, progress, planned, last_report, watch)
     finished = time.perf_counter()
     if len(progress.finished_at) > 1:
         # Warm: the first unit finished carries actor start-up and model load; the others are timed from

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from deita_ray.config import check_model_reference
+from deita_ray.runtime.ray_cluster import check_unit_room
 from deita_ray.runtime.stage import POOL, Stage, lazy, register_stage
 from deita_ray.scoring.config import ScoreConfig
 from deita_ray.scoring.summary import ScoreSummary
@@ -26,6 +27,7 @@ SCORE = register_stage(
         reads=(POOL,),
         wire=lambda run: {"input": run.input, "output": run.output_of("score")},
         actor_demand=lambda config: [config.resources.actor_demand()],
+        preflight=lambda config, joined: check_unit_room("score", config.resources, joined),
         check=_check,
         cli_shortcuts={
             "backend": ("backend.type",),
