@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 import types
 import typing
@@ -20,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from deita_ray.config import is_result_field, load_yaml
+from deita_ray.config import is_result_field, load_yaml, safe_url
 from deita_ray.runtime.stage import Stage, stages
 
 RESERVED = ("config", "set")  # flags every stage command has besides its config's
@@ -284,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in commands:
             stage = commands[args.command]
-            for line in stage.run(config_from_args(stage, args)).report_lines():
+            config = config_from_args(stage, args)
+            stage.check(config, args.command)  # e.g. a mistyped model path: before Ray and the claim
+            for line in stage.run(config).report_lines():
                 print(line)
         elif args.command == "run":
             _run(run_config_from_args(args))
@@ -305,13 +309,59 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             _run(config)
-    except ValidationError as exc:
+    except ValidationError as exc:  # configs hide input values, so a mistyped secret is not echoed
         print(f"deita-ray {args.command}: invalid config:\n{exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError, MemoryError) as exc:
-        print(f"deita-ray {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        what = "finished units and stages are kept" if args.command != "select" else "the scan resumes"
+        print(f"\ndeita-ray {args.command}: interrupted; run the same command again to resume ({what})",
+              file=sys.stderr, flush=True)
+        return 130
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:
+        print(f"deita-ray {args.command}: error: {error_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        # Raised in a Ray task or actor (Ray and Ray Data wrap it, often without the original object):
+        # one line, the remote error's; DEITA_RAY_TRACEBACK=1 shows the whole remote traceback.
+        if not type(exc).__module__.startswith("ray.") or os.environ.get("DEITA_RAY_TRACEBACK"):
+            raise  # a bug of this process: keep its traceback
+        print(f"deita-ray {args.command}: error: {error_line(exc)} (DEITA_RAY_TRACEBACK=1 for the "
+              "traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+# The last line of a remote traceback: "package.module.SomeError: message".
+_REMOTE_ERROR = re.compile(r"^\s*((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception): .*)$", re.M)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error a Ray task or actor raised, out of the wrappers Ray and Ray Data put around it."""
+    for _ in range(10):
+        inner = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError
+        if not isinstance(inner, BaseException) and type(exc).__module__.startswith("ray."):
+            inner = exc.__cause__  # Ray Data's UserCodeException etc.
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an error: the root cause's message (no remote traceback), first line only, with
+    URL credentials removed."""
+    cause = root_cause(exc)
+    message = str(cause).strip() or type(cause).__name__
+    first = message.splitlines()[0]
+    if type(cause).__module__.startswith("ray."):  # the remote error survives only in the traceback text
+        text = f"{exc}\n{message}"  # the traceback is in the outer wrapper's text
+        remote = [m.group(1) for m in _REMOTE_ERROR.finditer(text) if not m.group(1).startswith("ray.")]
+        if remote:
+            name, _, text = remote[-1].partition(": ")
+            first = f"{name.rsplit('.', 1)[-1]}: {text}"
+    if isinstance(cause, OSError) and not isinstance(cause, (FileNotFoundError, ConnectionError)):
+        first = f"{type(cause).__name__}: {first}"
+    return " ".join(safe_url(word) for word in first.split(" "))
 
 
 if __name__ == "__main__":

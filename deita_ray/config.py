@@ -1,6 +1,12 @@
 """What every stage's config shares: the strict base model, the result-field mark (one mechanism from
 which every fingerprint is derived), Ray resources as data, and YAML loading with `${VAR}` expansion.
 
+Secrets: a config may refer to environment variables as `${VAR}` (an API key inside `base_url`, a
+token in `resources.actor_env`). The expanded values are used at run time; what is written (config.json,
+RUN/config.yaml, summaries) or logged is the config as the user wrote it: `as_written` maps every value
+that came from a `${VAR}` expansion back to its written form and strips credentials from URLs
+(`safe_url`). Validation errors never echo an input value (`hide_input_in_errors`).
+
 Each stage keeps its own config next to its code (`scoring/config.py`, `embedding/config.py`, ...).
 """
 
@@ -10,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -49,7 +56,8 @@ def is_result_field(field: FieldInfo) -> bool:
 class StrictConfig(BaseModel):
     """Base of every user-facing config: unknown keys are refused by name; instances are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A value a user put in the wrong field (an API key under `api_key`) must not be echoed back.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     def result_fingerprint(self) -> dict[str, Any]:
         """The result fields' values (nested configs contribute their own result fields): what a
@@ -84,10 +92,10 @@ class StageConfig(StrictConfig):
     )
     stall_warning_s: float = Field(
         300.0,
-        gt=0,
+        ge=0,
         description="Seconds without progress (no unit finished) after which the run reports "
         "what it is waiting for: the Ray resources free and the demand that cannot be placed. Repeated at "
-        "this interval; the run keeps waiting (an autoscaler may still add nodes).",
+        "this interval; the run keeps waiting (an autoscaler may still add nodes). 0 turns the report off.",
     )
 
 
@@ -97,7 +105,7 @@ class ResourcesConfig(StrictConfig):
     `scorer_num_cpus`, `scorer_num_gpus` and `scorer_env` are accepted as aliases of the `actor_*`
     fields (their names before embedders shared this config)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, hide_input_in_errors=True)
 
     actor_num_cpus: float = Field(
         1.0,
@@ -125,8 +133,8 @@ class ResourcesConfig(StrictConfig):
         default_factory=dict,
         validation_alias=AliasChoices("actor_env", "scorer_env"),
         description="Environment variables for the model actors (runtime_env env_vars), e.g. vLLM "
-        "settings. Never put secrets here: configs are written to the output; export them in the "
-        "cluster/job environment instead.",
+        "settings. Give a secret as a reference, {HF_TOKEN: '${HF_TOKEN}'}: the actors get the value, "
+        "the files and logs only the reference (never write a literal secret here).",
     )
     max_task_retries: int = Field(
         3,
@@ -165,6 +173,64 @@ def check_model_reference(value: str, what: str) -> None:
 
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# Every string value `expand_env` produced (in this process) → the value as written, `${NAME}` included.
+_AS_WRITTEN: dict[str, str] = {}
+REDACTED = "***"
+
+
+def _only_references(text: str) -> bool:
+    """Whether a URL part holds nothing but `${NAME}` references (the written form of a secret)."""
+    return bool(_ENV_REFERENCE.search(text)) and not _ENV_REFERENCE.sub("", text).strip(":")
+
+
+def safe_url(url: str) -> str:
+    """A URL as it may be shown: user info (user:password@) and query values replaced by *** (unless
+    they are `${NAME}` references). A string that is not a URL with a scheme is returned as it is."""
+    if "://" not in url:
+        return url
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return REDACTED
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = f"{userinfo if _only_references(userinfo) else REDACTED}@{host}"
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        query = "&".join(f"{n}={v if _only_references(v) else REDACTED}" for n, v in pairs) or REDACTED
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The parts of a URL that `safe_url` hides (password, user, query values), for redacting them
+    from messages that quote the URL some other way (e.g. an HTTP library's error)."""
+    if "://" not in url:
+        return []
+    try:
+        parts = urllib.parse.urlsplit(url)
+        values = [v for _, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+        userinfo = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else ""
+    except ValueError:
+        return []
+    candidates = [userinfo, *userinfo.split(":", 1), *values]
+    candidates += [urllib.parse.unquote(c) for c in candidates]
+    return sorted({c for c in candidates if len(c) >= 4}, key=len, reverse=True)
+
+
+def as_written(data: Any) -> Any:
+    """A JSON-like value (a config's `model_dump(mode="json")`) as it may be written or logged: every
+    string that came from a `${VAR}` expansion is put back as written (the reference, not the value)
+    and URLs lose their credentials. Keys are kept."""
+    if isinstance(data, dict):
+        return {key: as_written(item) for key, item in data.items()}
+    if isinstance(data, list | tuple):
+        return [as_written(item) for item in data]
+    if isinstance(data, str):
+        return safe_url(_AS_WRITTEN.get(data, data))
+    return data
 
 
 def expand_env(value: Any, where: str = "config") -> Any:
@@ -184,7 +250,10 @@ def expand_env(value: Any, where: str = "config") -> Any:
             f"{where}: environment variable {', '.join(sorted(set(missing)))} is not set "
             f"(the value {value!r} refers to it)"
         )
-    return _ENV_REFERENCE.sub(lambda match: os.environ[match.group(1)], value)
+    expanded = _ENV_REFERENCE.sub(lambda match: os.environ[match.group(1)], value)
+    if expanded != value:
+        _AS_WRITTEN[expanded] = value
+    return expanded
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -34,6 +34,8 @@ def demo_run_config(output: str, model: str | None = None, embed_model: str | No
         "input": [str(demo_pool_dir())],
         "output": output,
         "overwrite": overwrite,
+        # Its own local Ray: with no address Ray would join whatever cluster this machine ran last.
+        "ray_address": "local",
         "score": {
             "complexity_model": model,
             "quality_model": model,

@@ -11,7 +11,8 @@ in order:
   other 4xx is a bad request and raised at once, as is the last failure: an `EndpointError`, and the
   other requests of the call are cancelled;
 * the API key is read from the environment variable named by `api_key_env` at each call, never logged,
-  and redacted from every message.
+  and redacted from every message; the base URL is shown with its credentials removed (`safe_url`), and
+  its user info and query values are redacted from messages that quote it otherwise.
 
 What a stage asks and how it reads the replies (e.g. the scorer's digit log-probs) stays in the stage.
 """
@@ -26,6 +27,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from deita_ray.config import REDACTED, safe_url, url_secrets
 from deita_ray.engines.deps import require
 
 logger = logging.getLogger(__name__)
@@ -97,8 +99,13 @@ class CompletionsClient:
         return os.environ.get(self.api_key_env) or NO_KEY
 
     def redact(self, text: str) -> str:
+        """`text` without the API key, the base URL's credentials (the URL itself is shown safe)."""
+        text = text.replace(self.base_url, safe_url(self.base_url))
         key = self.api_key()
-        return text.replace(key, "***") if key and key != NO_KEY else text
+        secrets = [key] if key and key != NO_KEY else []
+        for secret in sorted({*secrets, *url_secrets(self.base_url)}, key=len, reverse=True):
+            text = text.replace(secret, REDACTED)
+        return text
 
     def describe(self, exc: BaseException) -> str:
         """Status (or exception type) and message of a failure, cut to length, the API key redacted."""
@@ -163,7 +170,9 @@ class CompletionsClient:
                 return await client.completions.create(**body)
             except Exception as exc:  # noqa: BLE001 - classified below
                 size = _prompt_count(body.get("prompt"))
-                where = self.redact(f"{self.base_url} (model {body.get('model')!r}, {size} prompts)")
+                where = self.redact(
+                    f"{safe_url(self.base_url)} (model {body.get('model')!r}, {size} prompts)"
+                )
                 if not self._retryable(exc):
                     raise EndpointError(
                         f"completions request to {where} was rejected, not retried: {self.describe(exc)}"

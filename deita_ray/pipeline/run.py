@@ -1,6 +1,7 @@
 """`deita-ray run CONFIG.yaml`: the registered stages as resumable steps of one run directory.
 
-    RUN/config.yaml           the resolved config (every stage's full config, defaults filled in)
+    RUN/config.yaml           the resolved config (every stage's full config, defaults filled in), as
+                              written: `${VAR}` references, never their values
     RUN/<stage>/              that stage's output (it reads the pool or its upstream stages' outputs)
     RUN/_stages/<stage>.json  the stage's chain key: its result fingerprint + its upstream's key
     RUN/summary.json          per stage: ran / skipped, seconds, its line; the stages' headline outputs
@@ -23,7 +24,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from deita_ray import io
+from deita_ray.config import as_written
 from deita_ray.pipeline.config import RunConfig
+from deita_ray.runtime.lock import output_lock
 from deita_ray.runtime.ray_cluster import check_feasible, connect_ray, joined_cluster
 from deita_ray.runtime.stage import StageSummary, get_stage
 
@@ -83,13 +86,17 @@ def run_pipeline(config: RunConfig) -> RunSummary:
     started = time.perf_counter()
     configs = config.stage_configs()
     run_dir = config.output
-    io.ensure_dir(run_dir)
-    resolved = {
+    with output_lock(run_dir):  # one run per run directory (each stage also locks its own)
+        return _run_locked(config, configs, run_dir, started)
+
+
+def _run_locked(config: RunConfig, configs: dict[str, Any], run_dir: str, started: float) -> RunSummary:
+    resolved = as_written({  # as the user wrote it: `${VAR}` references, never their values
         "input": config.input,
         "output": run_dir,
         "ray_address": config.ray_address,
         **{name: c.model_dump(mode="json") for name, c in configs.items()},
-    }
+    })
     io.atomic_write_bytes(
         f"{run_dir}/config.yaml",
         yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True).encode("utf-8"),

@@ -4,6 +4,7 @@ Layout under a stage directory DIR:
     DIR/config.json            the config that made it (resume refuses a different one)
     DIR/<kind>/<unit>.parquet  data shards (e.g. scored/, rejects/)
     DIR/_done/<unit>.json      completion marker with the unit's counts; a unit without one is redone
+    DIR/.lock                  while a process writes DIR: who (runtime/lock.py; one writer per directory)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from deita_ray import io
+from deita_ray.config import as_written
 
 MARKER_DIR = "_done"
 
@@ -44,7 +46,10 @@ def write_unit(root: str, unit_id: str, tables: dict[str, pa.Table], counts: dic
 def claim_output(root: str, fingerprint: dict[str, Any], full_config: dict[str, Any], overwrite: bool,
                  owned: tuple[str, ...]) -> None:
     """Record the config of a new output dir, accept the same one again, refuse (or, with overwrite,
-    wipe the `owned` entries of) a different one."""
+    wipe the `owned` entries of) a different one. Both are recorded and compared as the user wrote
+    them (`config.as_written`: `${VAR}` references, never their values; URLs without credentials)."""
+    fingerprint = as_written(fingerprint)
+    full_config = as_written(full_config)
     path = f"{root}/config.json"
     if io.exists(path):
         previous = io.read_json(path)

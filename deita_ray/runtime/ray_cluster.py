@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+from deita_ray.config import safe_url
 
 if TYPE_CHECKING:
     from deita_ray.runtime.stage import Stage
@@ -20,12 +23,42 @@ def joined_cluster(address: str | None) -> bool:
     return ray.is_initialized() or address not in (None, "local")
 
 
+REACH_TIMEOUT_S = 10.0
+
+
+class RayUnreachableError(ConnectionError):
+    """The Ray cluster named by `ray_address` cannot be reached."""
+
+
+def check_reachable(address: str | None, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """A `host:port` or `ray://host:port` address must accept a TCP connection: otherwise `ray.init`
+    retries for minutes and then fails with a traceback. None/"local"/"auto" are left to Ray."""
+    if address in (None, "local", "auto"):
+        return
+    target = address.split("://", 1)[-1].rsplit("@", 1)[-1].split("/", 1)[0]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RayUnreachableError(
+            f"cannot reach the Ray cluster at {safe_url(address)} ({exc.strerror or exc}); check "
+            "--ray-address / ray_address (is the head node up? inside `ray job submit` use 'auto')"
+        ) from None
+
+
 def connect_ray(address: str | None) -> None:
     """Join (or start, for None/"local") the Ray cluster once per driver process."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        except ConnectionError as exc:  # e.g. 'auto' with no cluster running
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RayUnreachableError(f"cannot connect to Ray at {safe_url(str(address))}: {first}") from None
 
 
 def current_node_id() -> str | None:

@@ -4,7 +4,7 @@ generation), and the Ray Data pipeline shape under it:
     read stage (tasks) → model stage (actor pool, model loaded once per actor) → write stage (tasks)
 
 over the pending work units, one Ray Data row per unit. `run_unit_stage` is the whole driver sequence:
-check the inputs → claim the output → connect → plan → pending units → stream → tally → summary.
+check the inputs → lock and claim the output → connect → plan → pending units → stream → tally → summary.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import datetime
 import decimal
 import json
 import logging
+import os
 import threading
 import time
 import warnings
@@ -23,8 +24,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from deita_ray import io
+from deita_ray.config import as_written
 from deita_ray.ingest.plan import Unit
 from deita_ray.runtime import markers
+from deita_ray.runtime.lock import output_lock
 from deita_ray.runtime.stage import StageSummary
 
 if TYPE_CHECKING:
@@ -121,6 +124,20 @@ def append_unit_row(
         out.setdefault(name, []).append(value)
 
 
+def with_environment(model_stage: type, env: dict[str, str]) -> type:
+    """`model_stage` setting `env` in its actor's process before its own constructor runs (the values
+    travel inside the pickled class, never through a runtime_env or a file)."""
+
+    class WithEnvironment(model_stage):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            os.environ.update(env)
+            super().__init__(*args, **kwargs)
+
+    WithEnvironment.__name__ = model_stage.__name__
+    WithEnvironment.__qualname__ = model_stage.__qualname__
+    return WithEnvironment
+
+
 def unit_pipeline(
     pending: list[Unit],
     read_stage: Any,
@@ -140,6 +157,12 @@ def unit_pipeline(
     # once the actor is dead for good): a lost node makes every call fail fast ("actor unavailable")
     # until the node is declared dead, and a per-call budget was spent there before the actor restarted.
     actor_args = {"max_restarts": resources.max_task_retries, "max_task_retries": -1}
+    # actor_env values written as `${VAR}` (secrets) are set by the actor itself, not through the
+    # runtime_env, which Ray writes to its logs (runtime_env_agent.log).
+    public_env = {k: v for k, v in resources.actor_env.items() if as_written(v) == v}
+    secret_env = {k: v for k, v in resources.actor_env.items() if k not in public_env}
+    if secret_env:
+        model_stage = with_environment(model_stage, secret_env)
     ds = ray.data.from_items(
         [{"unit": json.dumps(u.to_dict())} for u in pending], override_num_blocks=max(1, len(pending))
     )
@@ -154,7 +177,7 @@ def unit_pipeline(
             num_cpus=resources.actor_num_cpus,
             num_gpus=resources.actor_num_gpus,
             resources=resources.actor_resources or None,
-            runtime_env={"env_vars": resources.actor_env} if resources.actor_env else None,
+            runtime_env={"env_vars": public_env} if public_env else None,
             **actor_args,
         )
         return ds.map(write_stage, **task_args)
@@ -250,7 +273,7 @@ def unit_summary_fields(
         "units_this_run": run.units,
         "timings": timings,
         "throughput": throughput,
-        "config": config.model_dump(mode="json"),
+        "config": as_written(config.model_dump(mode="json")),
     }
 
 
@@ -278,15 +301,20 @@ class StallWatch:
         self.verb, self.after_s, self.demands = verb, after_s, demands
         self.last = time.monotonic()
         self.finished = threading.Event()
-        self.thread = threading.Thread(target=self._watch, name=f"deita-ray {verb} stall watch", daemon=True)
+        self.thread: threading.Thread | None = None  # none when the report is off (after_s 0)
 
     def __enter__(self) -> StallWatch:
-        self.thread.start()
+        if self.after_s > 0:
+            self.thread = threading.Thread(
+                target=self._watch, name=f"deita-ray {self.verb} stall watch", daemon=True
+            )
+            self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.finished.set()
-        self.thread.join()
+        if self.thread is not None:
+            self.thread.join()
 
     def progressed(self) -> None:
         self.last = time.monotonic()
@@ -349,6 +377,11 @@ def run_unit_stage(stage: UnitStage, config: Any) -> Any:
     OUTPUT/summary.json last and returns the stage's typed summary."""
     started = time.perf_counter()
     planning_input = stage.check_inputs()
+    with output_lock(config.output):  # one writer per output directory
+        return _run_locked(stage, config, started, planning_input)
+
+
+def _run_locked(stage: UnitStage, config: Any, started: float, planning_input: Any) -> Any:
     markers.claim_output(
         config.output,
         stage.fingerprint(),

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 
 from deita_ray.config import (
+    ENV_NAME,
     DType,
     InputFormat,
     Paths,
@@ -82,6 +83,17 @@ class OpenAIBackendConfig(StrictConfig):
         "then returns exactly the six digits. Prompts whose reply lacks a digit are rejected, never "
         "filled in.",
     )
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        # The message never quotes the value: a key pasted here by mistake must not reach the terminal.
+        if not ENV_NAME.fullmatch(value):
+            raise ValueError(
+                "must be the NAME of the environment variable holding the key (letters, digits and _, "
+                "e.g. OPENAI_API_KEY), never the key itself"
+            )
+        return value
 
 
 class SyntheticBackendConfig(StrictConfig):

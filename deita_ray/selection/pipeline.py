@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from deita_ray import io
 from deita_ray.runtime import markers
 from deita_ray.runtime.faults import pause_point
+from deita_ray.runtime.lock import output_lock
 from deita_ray.runtime.ray_cluster import alive_nodes, connect_ray, joined_cluster
 from deita_ray.selection import candidates as cand
 from deita_ray.selection.config import RayIndexConfig, SelectConfig
@@ -359,6 +360,12 @@ def run_select(config: SelectConfig) -> SelectReport:
     started = time.perf_counter()
     score_paths = cand.score_files(config.scores)
     embedding_paths = cand.embedding_files(config.embeddings)
+    with output_lock(config.output):  # one writer per output directory
+        return _select_locked(config, started, score_paths, embedding_paths)
+
+
+def _select_locked(config: SelectConfig, started: float, score_paths: list[str],
+                   embedding_paths: list[str]) -> SelectReport:
     markers.claim_output(
         config.output,
         config.result_fingerprint(),
