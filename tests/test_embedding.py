@@ -285,12 +285,12 @@ def test_embeddings_table_round_trips_through_parquet(tmp_path, dtype, rows):
 
 def _read(config: EmbedConfig, unit) -> tuple[list[dict], list[dict], dict]:
     import json
-    import pickle
 
     from deita_ray.embedding.pipeline import EmbedReadStage
+    from deita_ray.runtime.units import decode_payload
 
     out = EmbedReadStage(config)({"unit": json.dumps(unit.to_dict())})
-    return pickle.loads(out["samples"]), pickle.loads(out["rejects"]), json.loads(out["counts"])
+    return decode_payload(out["samples"]), decode_payload(out["rejects"]), json.loads(out["counts"])
 
 
 def test_read_stage_renders_and_rejects_raw_rows(tmp_path):

@@ -226,7 +226,11 @@ def test_select_and_run_take_the_lock(tmp_path, tiny_llama):
 
 @pytest.fixture()
 def no_ray(monkeypatch):
-    """Fail the test's command where it would start Ray (none of these cases may get that far)."""
+    """Fail the test's command where it would start Ray (none of these cases may get that far). A Ray
+    left connected by an earlier test is shut down first (the next `ray_local` user restarts it)."""
+    import ray
+
+    ray.shutdown()
 
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started")

@@ -158,12 +158,18 @@ def test_ray_job_submit_runs_the_pipeline(tiny_llama, tmp_path):
         {"score": "ran", "embed": "ran", "select": "ran"}
     assert (summary["selected"], summary["budget"], summary["budget_reached"]) == (BUDGET, BUDGET, True)
     resolved = yaml.safe_load((run / "config.yaml").read_text())
-    # ${...} was expanded in the job's driver, from the environment `env` gave it.
-    assert resolved["score"]["complexity_model"] == resolved["score"]["quality_model"] == str(tiny_llama)
-    assert resolved["embed"]["model"] == str(minilm_path())
+    # ${...} was expanded in the job's driver, from the environment `env` gave it (the models loaded and
+    # scored); what the run writes is the config as the user wrote it: the references, not their values.
+    scorers = resolved["score"]["complexity_model"], resolved["score"]["quality_model"]
+    assert scorers == ("${DEITA_SCORER_MODEL}", "${DEITA_SCORER_MODEL}")
+    assert resolved["embed"]["model"] == "${DEITA_EMBED_MODEL}"
     score = json.loads((run / "score" / "summary.json").read_text())
-    assert (score["input_rows"], score["scored"], score["rejected"], score["blank"]) == \
-        (rows, scorable, rejected, 0)
+    assert (score["input_rows"], score["scored"], score["rejected"], score["blank"]) == (
+        rows,
+        scorable,
+        rejected,
+        0,
+    )
     assert score["rejected_by_reason"] == dict(rejects)
     scored_ids = io.read_parquet_dir(str(run / "score" / "scored")).column("id").to_pylist()
     assert sorted(scored_ids) == sorted(ids)

@@ -43,28 +43,43 @@ def write_unit(root: str, unit_id: str, tables: dict[str, pa.Table], counts: dic
     io.atomic_write_json(marker_path(root, unit_id), counts)
 
 
-def claim_output(root: str, fingerprint: dict[str, Any], full_config: dict[str, Any], overwrite: bool,
-                 owned: tuple[str, ...]) -> None:
+def changed_fields(root: str, fingerprint: dict[str, Any], overwrite: bool) -> list[str] | None:
+    """The result fields that differ from the config ROOT was made with (None: no output there yet; []:
+    the same config). A difference without `overwrite` is refused here. Read-only, so a command can
+    refuse a changed config before it takes the output's lock."""
+    fingerprint = as_written(fingerprint)
+    path = f"{root}/config.json"
+    if not io.exists(path):
+        return None
+    previous = io.read_json(path).get("fingerprint", {})
+    changed = sorted(
+        key for key in set(fingerprint) | set(previous) if fingerprint.get(key) != previous.get(key)
+    )
+    if changed and not overwrite:
+        raise ConfigMismatchError(
+            f"{root} was made with a different config (changed: {', '.join(changed)}); use a new "
+            "output directory or pass --overwrite to replace it"
+        )
+    return changed
+
+
+def claim_output(
+    root: str,
+    fingerprint: dict[str, Any],
+    full_config: dict[str, Any],
+    overwrite: bool,
+    owned: tuple[str, ...],
+) -> None:
     """Record the config of a new output dir, accept the same one again, refuse (or, with overwrite,
     wipe the `owned` entries of) a different one. Both are recorded and compared as the user wrote
     them (`config.as_written`: `${VAR}` references, never their values; URLs without credentials)."""
-    fingerprint = as_written(fingerprint)
-    full_config = as_written(full_config)
-    path = f"{root}/config.json"
-    if io.exists(path):
-        previous = io.read_json(path)
-        if previous.get("fingerprint") == fingerprint:
-            return
-        changed = sorted(
-            key for key in set(fingerprint) | set(previous.get("fingerprint", {}))
-            if fingerprint.get(key) != previous.get("fingerprint", {}).get(key)
-        )
-        if not overwrite:
-            raise ConfigMismatchError(
-                f"{root} was made with a different config (changed: {', '.join(changed)}); use a new "
-                "output directory or pass --overwrite to replace it"
-            )
+    changed = changed_fields(root, fingerprint, overwrite)
+    if changed == []:
+        return
+    if changed:
         for entry in owned + ("config.json",):
             io.remove_tree(f"{root}/{entry}")
     io.ensure_dir(root)
-    io.atomic_write_json(path, {"fingerprint": fingerprint, "config": full_config})
+    io.atomic_write_json(
+        f"{root}/config.json", {"fingerprint": as_written(fingerprint), "config": as_written(full_config)}
+    )

@@ -377,6 +377,7 @@ def run_unit_stage(stage: UnitStage, config: Any) -> Any:
     OUTPUT/summary.json last and returns the stage's typed summary."""
     started = time.perf_counter()
     planning_input = stage.check_inputs()
+    markers.changed_fields(config.output, stage.fingerprint(), config.overwrite)  # refuse before locking
     with output_lock(config.output):  # one writer per output directory
         return _run_locked(stage, config, started, planning_input)
 

@@ -360,6 +360,7 @@ def run_select(config: SelectConfig) -> SelectReport:
     started = time.perf_counter()
     score_paths = cand.score_files(config.scores)
     embedding_paths = cand.embedding_files(config.embeddings)
+    markers.changed_fields(config.output, config.result_fingerprint(), config.overwrite)  # before locking
     with output_lock(config.output):  # one writer per output directory
         return _select_locked(config, started, score_paths, embedding_paths)
 
