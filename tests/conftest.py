@@ -17,7 +17,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default would take most of the RAM
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Ray starts its workers at nice 15: on a machine busy with anything at the normal priority they get a
+# few percent of a core and a test run takes tens of times longer. Every Ray the tests start (the
+# session's, ray.cluster_utils clusters, CLI subprocesses) runs its workers at the normal priority.
+os.environ.setdefault("RAY_worker_niceness", "0")  # GiB; vLLM's CPU default would take most of the RAM
 
 
 # --- models ------------------------------------------------------------------------------------------

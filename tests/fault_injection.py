@@ -53,6 +53,10 @@ from deita_ray.runtime import faults
 # 3 s × 5, would add ~15 s to every node-loss test). 1 s × 5 stays clear of false alarms on a loaded
 # two-core machine.
 FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+# Ray starts its workers at nice 15 (`worker_niceness`): on a machine busy with anything at the normal
+# priority (other test sessions, their drivers, a build), they get a few percent of a core and a run
+# takes tens of times longer. The test's workers compete at the normal priority instead.
+NORMAL_PRIORITY = {"worker_niceness": 0}
 
 
 # --- cluster ------------------------------------------------------------------------------------------
@@ -96,7 +100,7 @@ def local_cluster(head_cpus: float = 1, workers: dict[str, dict] | None = None,
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": head_cpus, "include_dashboard": False,
-        "_system_config": FAST_NODE_DEATH if system_config is None else system_config})
+        "_system_config": {**FAST_NODE_DEATH, **NORMAL_PRIORITY} if system_config is None else system_config})
     local = LocalCluster(cluster)
     try:
         for name, args in (workers or {}).items():

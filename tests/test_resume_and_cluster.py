@@ -165,8 +165,10 @@ class CliRun:
         self.tag = uuid.uuid4().hex
         self.ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths are limited
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        # RAY_worker_niceness: the run's Ray workers at the normal priority, not Ray's nice 15, which a
+        # busy machine starves (tests/fault_injection.py, NORMAL_PRIORITY).
         env.update(RAY_TMPDIR=self.ray_tmp, DEITA_RAY_TEST_TAG=self.tag, HF_HUB_OFFLINE="1",
-                   RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
+                   RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false", RAY_worker_niceness="0")
         self.log = open(Path(self.ray_tmp) / "driver.log", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen([str(DEITA_RAY), command, *args], env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
