@@ -183,7 +183,8 @@ class CliRun:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            pytest.fail(f"deita-ray {self.proc.args[1]} did not finish in {timeout}s:\n{self.output()[-3000:]}")
+            command = self.proc.args[1]
+            pytest.fail(f"deita-ray {command} did not finish in {timeout}s:\n{self.output()[-3000:]}")
 
     def kill(self) -> None:
         try:
