@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from corpus import BLANK, SCORED, Corpus, hostile_configs, write_corpus
+from test_rejects_pipeline import finish_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,15 +27,6 @@ def start_cli(*args: str) -> subprocess.Popen:
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, "-m", "deita_ray.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-
-
-def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    try:
-        stdout, stderr = process.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        stdout, stderr = process.communicate()
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, command: str, expected: str) -> None:
@@ -63,7 +55,7 @@ def score_runs(corpus: Corpus, tiny_llama: Path) -> dict[str, subprocess.Complet
     processes = {"rows": start_cli(*score_args(tiny_llama, corpus.pool, out / "score"))}
     for case, directory in corpus.bad_files.items():
         processes[case] = start_cli(*score_args(tiny_llama, directory, out / case))
-    return {case: finish(process) for case, process in processes.items()}
+    return {case: finish_cli(process) for case, process in processes.items()}
 
 
 def test_every_hostile_row_ends_in_exactly_one_output(corpus: Corpus, score_runs) -> None:
@@ -100,7 +92,7 @@ def test_an_unreadable_file_is_one_error_line_naming_it(corpus: Corpus, score_ru
 def test_malformed_vectors_exclude_only_themselves(corpus: Corpus, score_runs) -> None:
     assert score_runs["rows"].returncode == 0
     out = corpus.root / "runs" / "select"
-    result = finish(start_cli("select", "--scores", str(corpus.root / "runs" / "score"), "--embeddings",
+    result = finish_cli(start_cli("select", "--scores", str(corpus.root / "runs" / "score"), "--embeddings",
                               str(corpus.vectors), "--output", str(out), "--budget", "100",
                               "--threshold", "0.999", "--index", "local", "--no-plots"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -125,7 +117,7 @@ def test_hostile_configs_are_one_error_line(corpus: Corpus, score_runs, tiny_lla
     processes = {case: start_cli(*args) for case, (args, _) in configs.items()}
     for case, process in processes.items():
         args, expected = configs[case]
-        assert_one_line_error(finish(process), args[0], expected)
+        assert_one_line_error(finish_cli(process), args[0], expected)
     # Refused before the output was claimed: nothing was written inside the input.
     assert not (corpus.pool / "config.json").exists() and not (corpus.pool / "out").exists()
     assert not (corpus.pool / "emb").exists()
