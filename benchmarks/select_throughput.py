@@ -1,20 +1,31 @@
-"""Selection throughput: the reference greedy vs deita_ray's single-process and distributed paths.
+"""Selection throughput: the whole `deita-ray select` process against the reference greedy, and how the
+process's wall time grows with the pool at a fixed budget.
 
-    python benchmarks/select_throughput.py                       # 200K × 384, budget 10K
-    python benchmarks/select_throughput.py --n 20000 --dim 4096 --budget 2000
+    python benchmarks/select_throughput.py                       # 200K × 384 and 2M × 384, budget 10K
+    python benchmarks/select_throughput.py --n 20000 --dim 4096 --budget 2000 --large-factor 0
 
-One run, same rank-ordered unit vectors for every method:
-  reference    Deita's loop with batch size 1: per candidate, gather the accepted rows from the
-               (float64) pool matrix, convert to float32 tensors, normalise both sides, one
-               matrix-vector product, compare with τ (what the original code does).
-  local        deita_ray's chunked exact greedy, accepted set in one numpy index.
+One run, one synthetic pool written as the stages write it (a scores Parquet file with `id` and
+`evol_score`; an embeddings directory of fixed-size-list Parquet files, 25K rows each, rows of all
+ranks mixed in every file), measured as:
+  reference    Deita's loop with batch size 1 over the rank-ordered vectors: per candidate, gather the
+               accepted rows from the (float64) pool matrix, convert to float32 tensors, normalise both
+               sides, one matrix-vector product, compare with τ (what the original code does).
+  local        deita_ray's chunked exact greedy in this process, accepted set in one numpy index.
   distributed  the same steps against a ShardedIndex of Ray actors (2 shards by default).
-  pipeline     `run_select` with index type 'ray' end to end on Parquet files (Ray Data sort of the
-               embedding shards + index actors), for orientation.
-Prints candidates scanned per second and the ratios, and checks the three selections are identical.
+  process      `python -m deita_ray.cli select` as a user runs it (default local index, plots on):
+               interpreter start, reading and validating every score and embedding row, the join, the
+               windows of ranks, the scan, selected.jsonl/parquet, excluded.parquet, report and plots.
+               Wall time measured around the process; peak RSS of the process (`wait4`).
+  process ray  the same with `--index ray` (includes starting a local Ray), for orientation.
+  large        the process again on a pool `--large-factor` times larger, same budget: written chunk by
+               chunk (never held whole), its selection checked against the in-process greedy over the
+               ranks the scan reached.
+Checks that every selection is identical (the reference's on its prefix when it is time-capped).
 
 Pool: clustered vectors; half the clusters are tight (members above τ of each other: one survives)
-and half loose (members below τ: all survive), so both accept and reject paths are exercised.
+and half loose (members below τ: all survive), so both accept and reject paths are exercised. Rank r
+has a score that does not increase with r (ties in groups of ~200, as rounded scores give) and the id
+f"{r:09d}", so rank order (score ↓, id ↑) is r; rows are spread over the files in random order.
 """
 
 from __future__ import annotations
@@ -22,24 +33,55 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from deita_ray.selection.greedy import greedy_select
 from deita_ray.selection.similarity import normalize_rows, rounding_band
 
+REPO = Path(__file__).resolve().parents[1]
 
-def make_pool(n: int, dim: int, seed: int = 0) -> np.ndarray:
+
+def write_pool(
+    root: Path, n: int, dim: int, *, rows_per_file: int, keep_ranks: int, seed: int = 0
+) -> np.ndarray:
+    """Write the pool under root/ (scores.parquet, embed/embeddings/*.parquet) one file at a time;
+    return the raw float32 vectors of ranks [0, keep_ranks) in rank order."""
     rng = np.random.default_rng(seed)
     clusters = max(2, n // 25)
-    centers = rng.normal(size=(clusters, dim)).astype(np.float32)
+    centers = rng.standard_normal((clusters, dim), dtype=np.float32)
     # cos within a cluster ≈ 1 / (1 + σ²): σ=0.25 → 0.94 (tight), σ=0.5 → 0.8 (loose)
     sigma = np.where(np.arange(clusters) % 2 == 0, 0.25, 0.5).astype(np.float32)
-    members = rng.integers(0, clusters, n)
-    pool = centers[members] + sigma[members, None] * rng.normal(size=(n, dim)).astype(np.float32)
-    return pool.astype(np.float32)
+    rank_of_row = rng.permutation(n)  # file rows hold ranks in random order
+    kept = np.zeros((min(keep_ranks, n), dim), dtype=np.float32)
+    (root / "embed" / "embeddings").mkdir(parents=True)
+    for k, start in enumerate(range(0, n, rows_per_file)):
+        ranks = rank_of_row[start : start + rows_per_file]
+        members = rng.integers(0, clusters, len(ranks))
+        vectors = centers[members] + sigma[members, None] * rng.standard_normal(
+            (len(ranks), dim), dtype=np.float32
+        )
+        mine = ranks < len(kept)
+        kept[ranks[mine]] = vectors[mine]
+        table = pa.table(
+            {
+                "id": [f"{r:09d}" for r in ranks.tolist()],
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
+            }
+        )
+        pq.write_table(table, root / "embed" / "embeddings" / f"{k:05d}.parquet")
+    scores = np.round(10.0 - 10.0 * rank_of_row / n, 3)  # ~n/10000 ranks share each score
+    ids = pa.array([f"{r:09d}" for r in rank_of_row.tolist()])
+    pq.write_table(pa.table({"id": ids, "evol_score": scores}), root / "scores.parquet")
+    return kept
 
 
 def reference_greedy(
@@ -47,8 +89,7 @@ def reference_greedy(
 ) -> tuple[list[int], int]:
     """The original's batch-size-1 loop (torch, float32 similarities, re-gathering every step).
     Stops after `max_seconds`: greedy decisions on a prefix do not depend on later candidates, so a
-    prefix is checked against the same prefix of the fast paths (and, its accepted set being smaller
-    than the full run's, the prefix rate flatters the reference)."""
+    prefix is checked against the same prefix of the fast paths."""
     import torch
 
     accepted = [0]
@@ -67,43 +108,79 @@ def reference_greedy(
     return accepted, scanned
 
 
-def run_pipeline(raw: np.ndarray, budget: int, threshold: float, shards: int) -> tuple[list[int], float, int]:
-    """run_select with the Ray index over Parquet files written from the same pool."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def run_process(root: Path, out: str, budget: int, threshold: float, extra: list[str]) -> dict:
+    """`deita-ray select` as a separate process: wall time, peak RSS, selected ranks, report."""
+    command = [
+        sys.executable, "-m", "deita_ray.cli", "select",
+        "--scores", str(root / "scores.parquet"), "--embeddings", str(root / "embed"),
+        "--output", str(root / out), "--budget", str(budget), "--threshold", str(threshold), *extra,
+    ]  # fmt: skip
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command, env={**os.environ, "PYTHONPATH": path}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, status, usage = os.wait4(process.pid, 0)  # this child's own peak RSS, not the children's max
+    wall = time.perf_counter() - start
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr}")
+    with open(root / out / "selected.jsonl") as handle:
+        selected = [int(json.loads(line)["id"]) for line in handle]
+    report = json.loads((root / out / "report.json").read_text())
+    return {
+        "wall_s": round(wall, 2),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024),  # KiB on Linux
+        "selected": selected,
+        "scanned": report["scanned"],
+        "windows": report["windows"],
+        "timings": {k: round(v, 2) for k, v in report["timings"].items()},
+    }
 
-    from deita_ray.selection.config import SelectConfig
-    from deita_ray.selection.pipeline import run_select
 
-    with tempfile.TemporaryDirectory() as tmp:
-        os.makedirs(f"{tmp}/embed/embeddings")
-        ids = [f"{i:08d}" for i in range(len(raw))]  # rank order = id order at equal scores
-        pq.write_table(pa.table({"id": ids, "evol_score": np.ones(len(raw))}), f"{tmp}/scores.parquet")
-        for k, part in enumerate(np.array_split(np.arange(len(raw)), 16)):
-            flat = pa.array(raw[part].ravel())
-            pq.write_table(
-                pa.table(
-                    {
-                        "id": [ids[i] for i in part],
-                        "embedding": pa.FixedSizeListArray.from_arrays(flat, raw.shape[1]),
-                    }
-                ),
-                f"{tmp}/embed/embeddings/{k:05d}.parquet",
-            )
-        report = run_select(
-            SelectConfig(
-                scores=[f"{tmp}/scores.parquet"],
-                embeddings=[f"{tmp}/embed"],
-                output=f"{tmp}/out",
-                budget=budget,
-                threshold=threshold,
-                index={"type": "ray", "num_shards": shards},
-                plots=False,
-            )
-        )
-        with open(f"{tmp}/out/selected.jsonl") as handle:
-            selected = [int(json.loads(line)["id"]) for line in handle]
-        return selected, report["timings"]["total_seconds"], report["scanned"]
+def run_distributed(unit: np.ndarray, args: argparse.Namespace) -> tuple[list[int], float]:
+    """The chunked greedy against a ShardedIndex of Ray actors, in this process."""
+    import ray
+
+    from deita_ray.selection.index import ShardedIndex
+
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    index = ShardedIndex.on_ray(
+        args.dim, args.threshold, rounding_band(args.dim), num_shards=args.shards, library="numpy",
+        device="cpu", capacity=args.budget, num_cpus=0.5, num_gpus=0,
+    )  # fmt: skip
+    start = time.perf_counter()
+    selected = greedy_select(unit, args.threshold, args.budget, args.chunk_size, index=index).tolist()
+    seconds = time.perf_counter() - start
+    index.close()
+    ray.shutdown()
+    return selected, seconds
+
+
+def run_large(tmp: Path, args: argparse.Namespace, base_wall: float) -> dict:
+    """The process on a pool `large_factor` times larger, same budget; its selection checked against the
+    in-process greedy over the first 4 × budget ranks (when the budget fills within them)."""
+    large_n = args.n * args.large_factor
+    root = tmp / "large"
+    start = time.perf_counter()
+    prefix = write_pool(
+        root, large_n, args.dim, rows_per_file=args.rows_per_file, keep_ranks=4 * args.budget, seed=1
+    )
+    print(f"large pool   : {large_n} × {args.dim} written in {time.perf_counter() - start:.0f} s", flush=True)
+    large = run_process(root, "out-local", args.budget, args.threshold, [])
+    print(f"process large: {large['wall_s']} s, peak RSS {large['peak_rss_mib']} MiB", flush=True)
+    expected = greedy_select(normalize_rows(prefix)[0], args.threshold, args.budget, args.chunk_size)
+    complete = len(expected) == args.budget  # else the scan went past the kept prefix: no check
+    selected = large.pop("selected")
+    large.update(
+        n=large_n,
+        identical_to_in_process=(selected == expected.tolist()) if complete else None,
+        ratio_to_base_process=round(large["wall_s"] / base_wall, 2),
+    )
+    shutil.rmtree(root)
+    if complete and not large["identical_to_in_process"]:
+        raise SystemExit("the large pool's selection differs from the in-process greedy")
+    return large
 
 
 def main() -> None:
@@ -116,110 +193,83 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--rows-per-file", type=int, default=25_000)
+    parser.add_argument(
+        "--large-factor", type=int, default=10, help="The large pool is this many times --n (0: skip it)."
+    )
+    parser.add_argument("--skip-ray", action="store_true", help="Skip the distributed and Ray-process runs.")
     parser.add_argument(
         "--reference-seconds",
         type=float,
-        default=600.0,
-        help="Time cap of the reference loop (its prefix is compared and timed).",
+        default=900.0,
+        help="Time cap of the reference loop (past it, its prefix is compared and its time extrapolated).",
     )
+    parser.add_argument("--tmp", default=None, help="Where to write the pools (default: the system's tmp).")
     args = parser.parse_args()
+    results: dict = {"n": args.n, "dim": args.dim, "budget": args.budget, "threshold": args.threshold}
+    speedups: dict[str, float] = {}
 
-    raw = make_pool(args.n, args.dim)
-    unit, _ = normalize_rows(raw)
-    results = {}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        root = Path(tmp) / "pool"
+        raw = write_pool(root, args.n, args.dim, rows_per_file=args.rows_per_file, keep_ranks=args.n)
+        unit, _ = normalize_rows(raw)
 
-    start = time.perf_counter()
-    local = greedy_select(unit, args.threshold, args.budget, args.chunk_size)
-    local_s = time.perf_counter() - start
-    scanned = int(local[-1]) + 1 if len(local) == args.budget else args.n
-    results["local"] = (scanned / local_s, local_s)
-    print(
-        f"local       : {len(local)} accepted, {scanned} scanned in {local_s:.2f} s "
-        f"({scanned / local_s:,.0f} candidates/s)",
-        flush=True,
-    )
+        start = time.perf_counter()
+        local = greedy_select(unit, args.threshold, args.budget, args.chunk_size)
+        local_s = time.perf_counter() - start
+        scanned = int(local[-1]) + 1 if len(local) == args.budget else args.n
+        print(f"local        : {len(local)} accepted, {scanned} scanned in {local_s:.2f} s", flush=True)
+        results.update(scanned=scanned, accepted=len(local), local_s=round(local_s, 2))
+        selections = {"local": local.tolist()}
 
-    import ray
+        process = run_process(root, "out-local", args.budget, args.threshold, [])
+        print(f"process      : {process['wall_s']} s, peak RSS {process['peak_rss_mib']} MiB", flush=True)
+        selections["process"] = process.pop("selected")
+        results["process"] = process
 
-    from deita_ray.selection.index import ShardedIndex
+        if not args.skip_ray:
+            selections["distributed"], distributed_s = run_distributed(unit, args)
+            results["distributed_s"] = round(distributed_s, 2)
+            print(f"distributed  : {distributed_s:.2f} s", flush=True)
+            shards = ["--index", "ray", "--num-shards", str(args.shards)]
+            ray_process = run_process(root, "out-ray", args.budget, args.threshold, shards)
+            print(f"process ray  : {ray_process['wall_s']} s", flush=True)
+            selections["process_ray"] = ray_process.pop("selected")
+            results["process_ray"] = ray_process
 
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    index = ShardedIndex.on_ray(
-        args.dim,
-        args.threshold,
-        rounding_band(args.dim),
-        num_shards=args.shards,
-        library="numpy",
-        device="cpu",
-        capacity=args.budget,
-        num_cpus=0.5,
-        num_gpus=0,
-    )
-    start = time.perf_counter()
-    distributed = greedy_select(unit, args.threshold, args.budget, args.chunk_size, index=index)
-    dist_s = time.perf_counter() - start
-    index.close()
-    results["distributed"] = (scanned / dist_s, dist_s)
-    print(
-        f"distributed : {args.shards} index actors, {dist_s:.2f} s ({scanned / dist_s:,.0f} candidates/s)",
-        flush=True,
-    )
-
-    if not args.skip_pipeline:
-        pipeline, pipe_s, pipe_scanned = run_pipeline(raw, args.budget, args.threshold, args.shards)
-        print(
-            f"pipeline    : run_select(index=ray) end to end {pipe_s:.2f} s incl. planning and the "
-            f"Ray Data sort ({pipe_scanned / pipe_s:,.0f} candidates/s)",
-            flush=True,
+        start = time.perf_counter()
+        reference, ref_scanned = reference_greedy(
+            raw.astype(np.float64), args.threshold, args.budget, args.reference_seconds
         )
-    ray.shutdown()
+        ref_s = time.perf_counter() - start
+        print(f"reference    : {len(reference)} accepted, {ref_scanned} scanned in {ref_s:.1f} s", flush=True)
+        del raw, unit  # the large pool is written chunk by chunk; keep this process small beside it
 
-    start = time.perf_counter()
-    reference, ref_scanned = reference_greedy(
-        raw.astype(np.float64), args.threshold, args.budget, args.reference_seconds
-    )
-    ref_s = time.perf_counter() - start
-    print(
-        f"reference   : {len(reference)} accepted, {ref_scanned} scanned in {ref_s:.2f} s "
-        f"({ref_scanned / ref_s:,.0f} candidates/s)",
-        flush=True,
-    )
+        if args.large_factor:
+            results["large"] = run_large(Path(tmp), args, process["wall_s"])
 
-    def prefix(selection) -> list[int]:
-        return [int(i) for i in selection if i < ref_scanned]
-
-    identical = reference == prefix(local) and local.tolist() == distributed.tolist()
-    if not args.skip_pipeline:
-        identical = identical and pipeline == local.tolist()
-    ref_rate = ref_scanned / ref_s
-    print(
-        json.dumps(
-            {
-                "n": args.n,
-                "dim": args.dim,
-                "budget": args.budget,
-                "threshold": args.threshold,
-                "chunk_size": args.chunk_size,
-                "shards": args.shards,
-                "scanned": scanned,
-                "accepted": len(local),
-                "reference_scanned": ref_scanned,
-                "reference_complete": ref_scanned >= scanned,
-                "identical_selection": identical,
-                "candidates_per_s": {
-                    "reference": round(ref_rate),
-                    "local": round(results["local"][0]),
-                    "distributed": round(results["distributed"][0]),
-                },
-                "speedup_vs_reference": {
-                    "local": round(results["local"][0] / ref_rate, 1),
-                    "distributed": round(results["distributed"][0] / ref_rate, 1),
-                },
-            },
-            indent=1,
-        )
+    complete = ref_scanned >= scanned
+    # A capped reference: its time to the full scan extrapolated at its average rate so far, a lower
+    # bound (its cost per candidate grows with the accepted set it re-gathers).
+    ref_total = ref_s if complete else ref_s * scanned / ref_scanned
+    identical = all(selection == selections["local"] for selection in selections.values())
+    identical = identical and reference == [i for i in selections["local"] if i < ref_scanned]
+    speedups = {"local_in_process": ref_total / local_s, "process": ref_total / process["wall_s"]}
+    if not args.skip_ray:
+        speedups["distributed_in_process"] = ref_total / results["distributed_s"]
+        speedups["process_ray"] = ref_total / results["process_ray"]["wall_s"]
+    results.update(
+        reference={
+            "scanned": ref_scanned,
+            "seconds": round(ref_s, 1),
+            "complete": complete,
+            "seconds_to_budget": round(ref_total, 1),
+            "extrapolated": not complete,
+        },
+        identical_selection=identical,
+        speedup_vs_reference={name: round(value, 1) for name, value in speedups.items()},
     )
+    print(json.dumps(results, indent=1))
     if not identical:
         raise SystemExit("selections differ")
 

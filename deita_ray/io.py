@@ -50,10 +50,10 @@ def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def _unstrip(fs: fsspec.AbstractFileSystem, inner: str) -> str:
     """Back from a path inside fs to a URI the user can pass again."""
-    return inner if _is_local(fs) else fs.unstrip_protocol(inner)
+    return inner if is_local(fs) else fs.unstrip_protocol(inner)
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
 
 
@@ -86,7 +86,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
 
 def _normalized(fs: fsspec.AbstractFileSystem, inner: str) -> str:
     """A comparable form of a path: the resolved absolute path locally, the URI elsewhere."""
-    if _is_local(fs):
+    if is_local(fs):
         return os.path.realpath(inner)
     return fs.unstrip_protocol(inner).rstrip("/")
 
@@ -183,7 +183,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write so that a reader sees the whole file or none of it (temp name + rename locally; object
     stores publish a PUT atomically)."""
     fs, inner = filesystem(path)
-    if _is_local(fs):
+    if is_local(fs):
         directory = os.path.dirname(inner)
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(inner)}")

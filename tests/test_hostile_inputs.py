@@ -192,10 +192,10 @@ def test_one_overlong_vector_excludes_only_itself(tmp_path: Path) -> None:
     rows = good + [("long", [1.0] * 64), ("nan", [float("nan")] + [1.0] * 7), ("zero", [0.0] * 8),
                    ("null", None)]
     path = write_embeddings(tmp_path / "e.parquet", rows)
-    scan = cand.scan_embedding_file(path, 0)
+    scan = cand.scan_embedding_file(path, 0).rows
     plan = cand.plan_candidates(score_table([r[0] for r in rows]), [scan], [path])
     assert plan.dim == 8
-    assert sorted(plan.ranked.column("id").to_pylist()) == [g[0] for g in good]
+    assert sorted(plan.keys.column("id").to_pylist()) == [g[0] for g in good]
     reasons = dict(zip(plan.excluded.column("id").to_pylist(), plan.excluded.column("reason").to_pylist(),
                        strict=True))
     assert reasons == {"long": "dimension_mismatch", "nan": "non_finite_embedding", "zero": "zero_norm",
@@ -206,8 +206,9 @@ def test_one_overlong_vector_excludes_only_itself(tmp_path: Path) -> None:
 def test_a_pool_without_a_clear_dimension_is_refused(tmp_path: Path) -> None:
     rows = [("a", [1.0] * 4), ("b", [0.5] * 4), ("c", [1.0] * 8), ("d", [0.5] * 8)]
     path = write_embeddings(tmp_path / "e.parquet", rows)
+    scan = cand.scan_embedding_file(path, 0).rows
     with pytest.raises(ValueError, match="no clear dimension"):
-        cand.plan_candidates(score_table(["a", "b", "c", "d"]), [cand.scan_embedding_file(path, 0)], [path])
+        cand.plan_candidates(score_table(["a", "b", "c", "d"]), [scan], [path])
 
 
 def test_unreadable_select_inputs_name_the_file(tmp_path: Path) -> None:

@@ -79,6 +79,17 @@ def selected_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
 
 
+def assert_same_rows(rows: list[dict], others: list[dict]) -> None:
+    """Same rows; max_similarity is the float32 product, whose last bits depend on the BLAS blocking
+    (each shard's share of the accepted set, the chunks a window boundary cuts); decisions near τ are
+    rechecked exactly, so they do not."""
+    assert len(rows) == len(others) and rows[0]["max_similarity"] is None is others[0]["max_similarity"]
+    for row, other in zip(rows[1:], others[1:], strict=True):
+        row, other = dict(row), dict(other)
+        assert row.pop("max_similarity") == pytest.approx(other.pop("max_similarity"), abs=1e-6)
+        assert row == other
+
+
 def selected_ids(out: Path) -> list[str]:
     return [row["id"] for row in selected_rows(out)]
 
@@ -131,6 +142,71 @@ def test_selection_does_not_depend_on_chunk_size_or_library(tmp_path: Path) -> N
             plots=False,
         )
         assert selected_ids(tmp_path / f"sel-{chunk_size}") == expected
+
+
+def test_windows_widen_past_the_first_one_and_cut_through_ties(tmp_path: Path) -> None:
+    """A budget that forces the scan past its first window: the first window's vectors come from the
+    validation pass, later windows are read from the files (doubling), the first window's end cuts
+    through a group of tied scores (ties go by id), and the selection is the reference's. A resume
+    from the middle of the second window ends the same."""
+    pool = write_pool(tmp_path, n=700, dim=24, clusters=20, spread=0.4)
+    ranked_scores = sorted(pool["scores"], reverse=True)
+    assert ranked_scores[49] == ranked_scores[50] == ranked_scores[30]  # rank 50 splits a tie group
+    expected = reference_ids(pool, 0.85, 60)
+    fields = {"budget": 60, "threshold": 0.85, "chunk_size": 16, "first_window": 50, "plots": False}
+    report = select(tmp_path, "sel", checkpoint_interval_s=0, **fields)
+    assert selected_ids(tmp_path / "sel") == expected
+    assert report["windows"] == [
+        {"start": 0, "end": 50, "source": "validation pass"},
+        {"start": 50, "end": 150, "source": "embedding files"},
+        {"start": 150, "end": 350, "source": "embedding files"},
+    ]
+    assert 150 < report["scanned"] < 350
+    unwindowed = select(tmp_path, "one-window", first_window=700, **{k: v for k, v in fields.items()
+                                                                      if k != "first_window"})
+    assert unwindowed["windows"] == [{"start": 0, "end": 700, "source": "validation pass"}]
+    assert_same_rows(selected_rows(tmp_path / "sel"), selected_rows(tmp_path / "one-window"))
+
+    # Roll the checkpoint back to after the 6th chunk (16 + 16 + 16 + 2 ranks fill the first window,
+    # then two chunks of the second): the resume starts mid-window, reading its window from the files.
+    checkpoint = tmp_path / "sel" / "_checkpoint"
+    scans = [pq.read_table(checkpoint / f"scan-{k:06d}.parquet") for k in range(6)]
+    assert [len(t) for t in scans] == [16, 16, 16, 2, 16, 16]
+    accepted = sum(len(pq.read_table(checkpoint / f"accepted-{k:06d}.parquet")) for k in range(6))
+    (checkpoint / "cursor.json").write_text(
+        json.dumps({"parts": 6, "scanned": 82, "accepted": accepted, "rechecks": 0})
+    )
+    (tmp_path / "sel" / "report.json").unlink()
+    resumed = select(tmp_path, "sel", **fields)
+    assert resumed["resumed_from_candidate"] == 82
+    assert resumed["windows"][0] == {"start": 82, "end": 132, "source": "embedding files"}
+    assert selected_ids(tmp_path / "sel") == expected
+
+
+def test_a_pool_larger_than_the_window_limit_selects_in_bounded_windows(tmp_path: Path) -> None:
+    """`max_window_bytes` far below the pool's vectors (700 × 24 float32 = 67 KB, limit 40 vectors):
+    every window the driver holds fits the limit, and the selection is the reference's."""
+    pool = write_pool(tmp_path, n=700, dim=24, clusters=20, spread=0.4)
+    limit = 40 * 24 * 4
+    report = select(tmp_path, "sel", budget=60, threshold=0.85, chunk_size=16, max_window_bytes=limit,
+                    plots=False)
+    assert selected_ids(tmp_path / "sel") == reference_ids(pool, 0.85, 60)
+    sizes = [w["end"] - w["start"] for w in report["windows"]]
+    assert sizes[0] == 40 and len(sizes) > 3 and max(sizes) * 24 * 4 <= limit
+    assert [w["start"] for w in report["windows"][1:]] == [w["end"] for w in report["windows"][:-1]]
+
+
+def test_a_wrong_dimension_guess_falls_back_to_reading_the_first_window(tmp_path: Path) -> None:
+    """The first window is kept by the validation pass for the dimension of the first embedding file's
+    first row, guessed before the pass; when that row has another dimension than the pool, the first
+    window is read from the files instead, with the same selection."""
+    pool = write_pool(tmp_path, n=300, dim=8, seed=8, shards=2)
+    odd = tmp_path / "embed" / "embeddings" / "00000-000000-odd.parquet"  # sorts first
+    pq.write_table(pa.table({"id": ["odd-one"], "embedding": [[1.0] * 5]}), odd)
+    report = select(tmp_path, "sel", budget=40, threshold=0.8, plots=False)
+    assert report["pool"]["excluded_by_reason"] == {"dimension_mismatch": 1}
+    assert report["windows"][0]["source"] == "embedding files"
+    assert selected_ids(tmp_path / "sel") == reference_ids(pool, 0.8, 40)
 
 
 def test_bad_rows_are_excluded_with_reasons_never_dropped(tmp_path: Path) -> None:
@@ -305,15 +381,16 @@ def test_cli_yaml_resume_and_config_change(tmp_path: Path) -> None:
 
 
 def test_index_shards_must_leave_room_for_the_candidate_stream(ray_local, caplog) -> None:  # noqa: F811
-    """The stream's Ray Data sort tasks take a whole CPU beside the shards' reservations; without one
-    the scan would wait forever, so a local Ray refuses and a joined cluster warns (autoscaling)."""
-    fits = RayIndexConfig(num_shards=2, shard_num_cpus=0.5)  # 1 of 2 CPUs left
-    crowded = RayIndexConfig(num_shards=3, shard_num_cpus=0.5)  # 0.5 left
+    """The candidate windows' read tasks take `task_num_cpus` beside the shards' reservations; without
+    that room a scan past its first window would wait forever, so a local Ray refuses and a joined
+    cluster warns (autoscaling)."""
+    fits = RayIndexConfig(num_shards=3, shard_num_cpus=0.5)  # 0.5 of 2 CPUs left, tasks need 0.25
+    crowded = RayIndexConfig(num_shards=2, shard_num_cpus=0.5, task_num_cpus=1.5)  # 1 left, tasks need 1.5
     assert stream_room_problem(fits, [{"CPU": 2.0}]) is None
-    assert "leave 0.5 of the cluster's 2 CPUs" in stream_room_problem(crowded, [{"CPU": 2.0}])
+    assert "leave 1 of the cluster's 2 CPUs" in stream_room_problem(crowded, [{"CPU": 2.0}])
     assert stream_room_problem(crowded, [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}]) is None
     check_stream_room(fits, joined_cluster=False)
-    with pytest.raises(ValueError, match="shard_num_cpus"):
+    with pytest.raises(ValueError, match="task_num_cpus"):
         check_stream_room(crowded, joined_cluster=False)
     with caplog.at_level("WARNING", logger="deita_ray"):
         check_stream_room(crowded, joined_cluster=True)
@@ -337,21 +414,19 @@ def test_ray_index_equals_local(tmp_path: Path, ray_local) -> None:  # noqa: F81
         selected_ids(tmp_path / "ray") == selected_ids(tmp_path / "local") == reference_ids(pool, 0.85, 150)
     )
     assert distributed["scanned"] == local["scanned"]
-    # Same rows; max_similarity is the float32 product, whose last bits depend on the BLAS blocking of
-    # each shard's share of the accepted set (decisions near τ are rechecked in float64, so they do not).
-    ray_rows, local_rows = selected_rows(tmp_path / "ray"), selected_rows(tmp_path / "local")
-    assert ray_rows[0]["max_similarity"] is None is local_rows[0]["max_similarity"]
-    for ray_row, local_row in zip(ray_rows[1:], local_rows[1:], strict=True):
-        assert ray_row.pop("max_similarity") == pytest.approx(local_row.pop("max_similarity"), abs=1e-6)
-        assert ray_row == local_row
+    assert_same_rows(selected_rows(tmp_path / "ray"), selected_rows(tmp_path / "local"))
 
-    # Small rank windows (several Ray Data sorts), checkpoints after every chunk, and a resume from
-    # the middle of a window: the cursor is rolled back as if the driver died there.
-    # Three shards at 0.25 CPU leave the stream's sort tasks their CPU on this 2-CPU Ray.
-    windowed = {"type": "ray", "num_shards": 3, "shard_num_cpus": 0.25, "first_window": 70}
-    select(tmp_path, "win", budget=150, threshold=0.85, chunk_size=32, plots=False, index=windowed,
-           checkpoint_interval_s=0)
+    # Small rank windows (the first kept by the validation pass, later ones read by Ray tasks),
+    # checkpoints after every chunk, and a resume from the middle of a window: the cursor is rolled
+    # back as if the driver died there.
+    windowed = {"index": {"type": "ray", "num_shards": 3, "shard_num_cpus": 0.25}, "first_window": 70}
+    report = select(tmp_path, "win", budget=150, threshold=0.85, chunk_size=32, plots=False, **windowed,
+                    checkpoint_interval_s=0)
     assert selected_ids(tmp_path / "win") == selected_ids(tmp_path / "local")
+    assert report["windows"][:2] == [
+        {"start": 0, "end": 70, "source": "validation pass"},
+        {"start": 70, "end": 210, "source": "embedding files"},
+    ]
     cursor_path = tmp_path / "win" / "_checkpoint" / "cursor.json"
     cursor = json.loads(cursor_path.read_text())
     assert cursor["parts"] >= 5
@@ -364,8 +439,10 @@ def test_ray_index_equals_local(tmp_path: Path, ray_local) -> None:  # noqa: F81
     cursor_path.write_text(json.dumps({"parts": 4, "scanned": 102, "accepted": sum(len(t) for t in accepted),
                                        "rechecks": 0}))
     (tmp_path / "win" / "report.json").unlink()
-    resumed = select(tmp_path, "win", budget=150, threshold=0.85, chunk_size=32, plots=False, index=windowed)
+    resumed = select(tmp_path, "win", budget=150, threshold=0.85, chunk_size=32, plots=False, **windowed)
     assert resumed["resumed_from_candidate"] == 102
+    # A resumed scan's first window starts at the cursor and is read from the files.
+    assert resumed["windows"][0] == {"start": 102, "end": 172, "source": "embedding files"}
     assert selected_ids(tmp_path / "win") == selected_ids(tmp_path / "local")
 
 

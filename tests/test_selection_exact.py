@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from select_reference import exact_cos, plain_greedy, plain_greedy_float32, unit_rows
+from select_reference import exact_cos, plain_greedy, plain_greedy_float32, rank_order, unit_rows
 
 from deita_ray.selection.greedy import greedy_select, resolve_chunk
 from deita_ray.selection.index import LocalIndex, ShardedIndex
 from deita_ray.selection.similarity import normalize_rows, rounding_band
+from deita_ray.selection.windows import RankOrder, top_positions
 
 
 def make_pool(
@@ -143,3 +145,34 @@ def test_sharded_index_balances_rows() -> None:
         index.add(unit_rows(np.random.default_rng(count).normal(size=(count, 4))))
     sizes = [d["rows"] for d in index.describe()]
     assert sum(sizes) == 15 and max(sizes) - min(sizes) <= 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    scores=st.lists(st.sampled_from([-1.5, -0.0, 0.0, 0.25, 3.0, 7.0, 1e300]), min_size=1, max_size=60),
+    steps=st.lists(st.integers(0, 25), min_size=1, max_size=6),
+    seed=st.integers(0, 2**31),
+)
+def test_rank_order_prefixes_equal_the_full_sort(scores: list[float], steps: list[int], seed: int) -> None:
+    """Ranks computed a window at a time (top-k of the keys not ranked yet, ties at every cutoff broken
+    by id) are the ranks of one full sort by (score ↓, id ↑), whatever the window sizes."""
+    rng = np.random.default_rng(seed)
+    ids = [f"id-{v}" for v in rng.permutation(10 * len(scores))[: len(scores)]]
+    clean = [s + 0.0 for s in scores]  # the reader's −0.0 → 0.0
+    keys = pa.table({"id": ids, "score": clean, "file": np.zeros(len(ids), np.int32),
+                     "row": np.arange(len(ids), dtype=np.int64)})
+    expected = rank_order(ids, clean)
+    assert top_positions(keys.select(["score", "id"]), steps[0]).tolist() == expected[: steps[0]]
+    order = RankOrder(keys)
+    end = 0
+    for step in steps:
+        end += step
+        order.extend_to(end)
+        assert order.known == min(end, len(ids))
+    order.extend_to(len(ids))
+    assert order.ranked(len(ids)).column("id").to_pylist() == [ids[i] for i in expected]
+    # The first window known by its ids: sorting those ranks suffices.
+    head = RankOrder(keys)
+    head.extend_with(np.array(expected[: steps[0]][::-1], dtype=np.int64))
+    head.extend_to(len(ids))
+    assert head.ranked(len(ids)).column("id").to_pylist() == [ids[i] for i in expected]

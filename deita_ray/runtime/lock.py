@@ -92,7 +92,7 @@ class OutputLock:
     def acquire(self) -> OutputLock:
         io.ensure_dir(self.root)
         fs, inner = io.filesystem(self.path)
-        local = io._is_local(fs)
+        local = io.is_local(fs)
         for _ in range(3):
             if self._create(local):
                 self.held = True

@@ -1,8 +1,10 @@
-"""The selection's inputs: scores and embeddings joined by id, bad rows classified, ranks assigned,
-and candidate vectors streamed in rank order.
+"""The selection's inputs: scores and embeddings joined by id, bad rows classified, and one narrow key
+row per candidate (id, score, where its vector lives).
 
-The driver holds ids, scores and one small int per embedding row, never the embeddings themselves
-(except on the single-process path, which is for pools that fit). Rank order: score descending,
+The driver holds those keys, never the pool's embeddings: one pass over the embedding files validates
+every vector where it is read (a thread of this process or a Ray task) and returns one small row per
+embedding row, plus the vectors of the first window of ranks, asked for by id before the pass
+(windows.py orders the keys and streams vectors a window at a time). Rank order: score descending,
 then id ascending (deterministic ties, unlike the reference's unstable sort).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -22,7 +25,6 @@ import pyarrow.parquet as pq
 
 from deita_ray import io
 from deita_ray.runtime import markers
-from deita_ray.selection.similarity import normalize_rows
 
 
 class Excluded(str, Enum):
@@ -123,10 +125,12 @@ def _read_score_file(path: str, index: int, score_column: str) -> pa.Table:
             raise ValueError(f"{path}: every score row needs 'id' and {score_column!r}")
         ids = pa.array([r["id"] for r in rows])
         scores = pa.array([r[score_column] for r in rows])
+    values = pc.cast(scores, pa.float64(), safe=False)
     return pa.table(
         {
             "id": _as_text(ids),
-            "score": pc.cast(scores, pa.float64(), safe=False),
+            # −0.0 → 0.0, so that every ordering (Arrow's sorts, Python's) sees one zero.
+            "score": pc.add(values, 0.0),
             "score_file": pa.array(np.full(len(ids), index, dtype=np.int32)),
             "score_row": pa.array(np.arange(len(ids), dtype=np.int64)),
         }
@@ -168,10 +172,20 @@ def vector_checks(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.nd
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     n = len(column)
+    if pa.types.is_fixed_size_list(column.type) and not column.null_count:
+        # Every row has the same length: two row reductions, no temporaries. max and min propagate
+        # NaN and reach ±inf, so a row is finite iff both are; a finite row is zero iff both are 0.
+        dim = column.type.list_size
+        matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(n, dim)
+        if dim == 0:
+            return np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        largest, smallest = matrix.max(axis=1), matrix.min(axis=1)
+        bad = ~(np.isfinite(largest) & np.isfinite(smallest))
+        zero = (largest == 0) & (smallest == 0)
+        return np.full(n, dim, dtype=np.int64), bad, zero
     if pa.types.is_fixed_size_list(column.type):
         lengths = np.full(n, column.type.list_size, dtype=np.int64)
-        if column.null_count:
-            lengths[np.asarray(column.is_null())] = 0
+        lengths[np.asarray(column.is_null())] = 0
     else:
         lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy().astype(np.int64)
     values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
@@ -184,44 +198,170 @@ def vector_checks(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.nd
     return lengths, bad, ~nonzero & ~bad
 
 
-def scan_embedding_file(path: str, file_index: int) -> pa.Table:
-    """One row per embedding row: id, file, row, dim, non_finite, zero_norm (no vectors). An unreadable
-    file raises io.UnreadableFileError naming it."""
-    with io.reading(path):
-        table = pq.read_table(path, columns=["id", "embedding"])
-    lengths, non_finite, zero = vector_checks(table.column("embedding"))
-    return pa.table(
+@contextmanager
+def open_parquet(path: str) -> Iterator[pq.ParquetFile]:
+    """A Parquet file for reading by row groups or batches (memory-mapped when local: reads then cost
+    no copy into Arrow's buffers)."""
+    fs, inner = io.filesystem(path)
+    if io.is_local(fs):
+        yield pq.ParquetFile(inner, memory_map=True)
+        return
+    with fs.open(inner, "rb") as handle:
+        yield pq.ParquetFile(handle)
+
+
+# Rows per batch of the validation pass: bounds what one reader holds (8192 × 4096 float32 = 128 MiB).
+SCAN_BATCH_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class GatherRequest:
+    """Vectors the validation pass keeps for the driver: rows whose id is in `ids` (the ids of the first
+    window of ranks) and whose length is `dim` (rows of any other length cannot be candidates)."""
+
+    ids: pa.Array
+    dim: int
+
+
+@dataclass
+class EmbeddingScan:
+    """One embedding file after the validation pass."""
+
+    rows: pa.Table  # one row per embedding row: id, file, row, dim, non_finite, zero_norm (no vectors)
+    gathered_rows: np.ndarray  # int64, ascending: rows whose vectors were kept (a GatherRequest's)
+    gathered_vectors: np.ndarray  # float32 (len(gathered_rows), dim) as stored (not normalised)
+
+
+def scan_embedding_file(path: str, file_index: int, gather: GatherRequest | None = None) -> EmbeddingScan:
+    """Validate every vector of one embedding file, batch by batch; keep only the vectors `gather` asks
+    for. An unreadable file raises io.UnreadableFileError naming it."""
+    lengths, non_finite, zero = [np.zeros(0, np.int64)], [np.zeros(0, bool)], [np.zeros(0, bool)]
+    kept_rows: list[np.ndarray] = []
+    kept_vectors: list[np.ndarray] = []
+    with io.reading(path), open_parquet(path) as parquet:
+        ids = _as_text(parquet.read(columns=["id"]).column("id"))
+        # One set lookup per file (each lookup builds a hash table of the window's ids).
+        wanted = (
+            pc.is_in(ids, value_set=gather.ids).to_numpy(zero_copy_only=False) if gather is not None else None
+        )
+        offset = 0
+        # Arrow's own threads off: files are read in parallel by the caller (threads or Ray tasks).
+        batches = parquet.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=["embedding"], use_threads=False)
+        for batch in batches:
+            column = batch.column(0)
+            batch_lengths, batch_bad, batch_zero = vector_checks(column)
+            lengths.append(batch_lengths)
+            non_finite.append(batch_bad)
+            zero.append(batch_zero)
+            if gather is not None and wanted is not None:
+                usable = (batch_lengths == gather.dim) & ~batch_bad & ~batch_zero
+                keep = np.flatnonzero(wanted[offset : offset + len(batch)] & usable)
+                if len(keep):
+                    matrix, _ = vectors_of(column.take(pa.array(keep)))
+                    kept_rows.append(keep + offset)
+                    kept_vectors.append(matrix)
+            offset += len(batch)
+    rows = pa.table(
         {
-            "id": _as_text(table.column("id")),
-            "file": pa.array(np.full(len(table), file_index, dtype=np.int32)),
-            "row": pa.array(np.arange(len(table), dtype=np.int64)),
-            "dim": pa.array(lengths),
-            "non_finite": pa.array(non_finite),
-            "zero_norm": pa.array(zero),
+            "id": ids,
+            "file": pa.array(np.full(len(ids), file_index, dtype=np.int32)),
+            "row": pa.array(np.arange(len(ids), dtype=np.int64)),
+            "dim": pa.array(np.concatenate(lengths)),
+            "non_finite": pa.array(np.concatenate(non_finite)),
+            "zero_norm": pa.array(np.concatenate(zero)),
         }
     )
+    gathered_rows = np.concatenate(kept_rows) if kept_rows else np.zeros(0, np.int64)
+    width = gather.dim if gather is not None else 0
+    gathered_vectors = np.concatenate(kept_vectors) if kept_vectors else np.zeros((0, width), np.float32)
+    if len(gathered_rows):
+        # Only an id's first row can be its candidate row: a file repeating a window id many times
+        # must not fill the driver with copies.
+        first = _first_occurrences(ids.take(pa.array(gathered_rows)))
+        gathered_rows, gathered_vectors = gathered_rows[first], gathered_vectors[first]
+    return EmbeddingScan(rows=rows, gathered_rows=gathered_rows, gathered_vectors=gathered_vectors)
+
+
+def embedding_dim_hint(path: str) -> int | None:
+    """The vector length of one embedding file, from its schema (fixed-size lists) or its first row;
+    None if it has no rows. A guess at the pool's dimension, made before the validation pass."""
+    with io.reading(path), open_parquet(path) as parquet:
+        field_type = parquet.schema_arrow.field("embedding").type
+        if pa.types.is_fixed_size_list(field_type):
+            return field_type.list_size
+        for batch in parquet.iter_batches(batch_size=1, columns=["embedding"]):
+            first = batch.column(0)[0]
+            return len(first) if first.is_valid else None
+    return None
+
+
+def read_rows(path: str, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+    """The given rows (any order) of one Parquet file, reading only the row groups that hold them."""
+    rows = np.asarray(rows, dtype=np.int64)
+    with io.reading(path), open_parquet(path) as parquet:
+        metadata = parquet.metadata
+        bounds = np.cumsum([0] + [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)])
+        group_of = np.searchsorted(bounds, rows, side="right") - 1
+        groups = np.unique(group_of)
+        table = parquet.read_row_groups(groups.tolist(), columns=columns)
+    sizes = bounds[groups + 1] - bounds[groups]
+    group_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # where each group begins in `table`
+    local = rows - bounds[group_of] + group_starts[np.searchsorted(groups, group_of)]
+    return table.take(pa.array(local, pa.int64()))
+
+
+def load_rows(path: str, rows: np.ndarray) -> np.ndarray:
+    """float32 vectors (as stored, not normalised) of the given rows of one embedding file."""
+    matrix, _ = vectors_of(read_rows(path, rows, ["embedding"]).column("embedding"))
+    return matrix
 
 
 # --- joining and ranking ---------------------------------------------------------------------------
 
 
 @dataclass
+class ScoreRows:
+    """The score side after its own checks: one valid row per id (its first), and what was excluded."""
+
+    rows: pa.Table  # id, score, score_file, score_row
+    excluded: list[pa.Table]
+    bad_score_ids: pa.ChunkedArray | pa.Array  # ids whose score is unusable (not "missing" when embedded)
+    total_rows: int
+
+
+@dataclass
 class CandidatePlan:
-    """What the driver knows: ranked candidate ids/scores and where each one's vector lives."""
+    """What the driver knows: one narrow key row per candidate (in no particular order; windows.py
+    ranks them a window at a time) and where each one's vector lives."""
 
     files: list[str]
     dim: int
-    ranked: pa.Table  # id, score, file, row (embedding), score_file, score_row; table row i has rank i
-    rank_of_row: list[np.ndarray]  # per embedding file: rank of each row, −1 if not a candidate
+    keys: pa.Table  # id, score, file, row (embedding), score_file, score_row
     excluded: pa.Table  # id, reason, detail
     pool_scores: np.ndarray  # every valid score (for the report's distribution plot)
     counts: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def candidates(self) -> int:
+        return len(self.keys)
+
 
 def _first_occurrences(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Mask of the first occurrence of each id (in order)."""
-    codes = pc.dictionary_encode(ids).combine_chunks().indices.to_numpy(zero_copy_only=False)
-    _, first = np.unique(codes, return_index=True)
+    """Mask of the first occurrence of each id (in order; ids not null)."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    if not len(ids):
+        return np.zeros(0, dtype=bool)
+    codes = pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False)
+    # Arrow numbers dictionary values in order of first appearance, so a row is an id's first
+    # occurrence iff its code exceeds every earlier code: one linear pass instead of a sort.
+    seen = np.maximum.accumulate(codes)
+    if codes[0] == 0 and (np.diff(seen) <= 1).all():
+        mask = np.empty(len(codes), dtype=bool)
+        mask[0] = True
+        mask[1:] = codes[1:] > seen[:-1]
+        return mask
+    _, first = np.unique(codes, return_index=True)  # (never seen; kept should Arrow ever renumber)
     mask = np.zeros(len(codes), dtype=bool)
     mask[first] = True
     return mask
@@ -255,13 +395,11 @@ def pool_dimension(dims: np.ndarray) -> int:
     return int(values[best])
 
 
-def plan_candidates(scores: pa.Table, scans: list[pa.Table], files: list[str]) -> CandidatePlan:
-    """Join scores and embedding scans by id, classify every row that cannot be a candidate, rank
-    the rest. Every score row and every embedding row ends as a candidate or an excluded row."""
+def clean_scores(scores: pa.Table) -> ScoreRows:
+    """Exclude score rows with a null id, an unusable score or an id seen before; the rest are the rows
+    candidates can come from (known before the embedding pass, so the first window can be asked for)."""
     excluded: list[pa.Table] = []
-    embedded = pa.concat_tables(scans)
-    total_score_rows, total_embedding_rows = len(scores), len(embedded)
-
+    total = len(scores)
     null_ids = pc.is_null(scores.column("id"))
     if pc.any(null_ids).as_py():
         excluded.append(_excluded(scores.filter(null_ids).column("id"), Excluded.NULL_ID, "score row"))
@@ -284,6 +422,22 @@ def plan_candidates(scores: pa.Table, scans: list[pa.Table], files: list[str]) -
             )
         )
         scores = scores.filter(pa.array(first))
+    rows = scores.select(["id", "score", "score_file", "score_row"]).combine_chunks()
+    return ScoreRows(rows=rows, excluded=excluded, bad_score_ids=bad_score_ids, total_rows=total)
+
+
+def plan_candidates(
+    scores: pa.Table | ScoreRows, scans: list[pa.Table], files: list[str]
+) -> CandidatePlan:
+    """Join the score rows and the embedding scans (`EmbeddingScan.rows`) by id, classify every row that
+    cannot be a candidate, and key the rest. Every score row and every embedding row ends as a
+    candidate or an excluded row. One hash lookup of the embedding ids among the score ids does the
+    join; the rest is integer work on the driver."""
+    score_side = scores if isinstance(scores, ScoreRows) else clean_scores(scores)
+    score_rows = score_side.rows
+    excluded = list(score_side.excluded)
+    embedded = pa.concat_tables(scans).combine_chunks()
+    total_embedding_rows = len(embedded)
 
     null_ids = pc.is_null(embedded.column("id"))
     if pc.any(null_ids).as_py():
@@ -294,6 +448,18 @@ def plan_candidates(scores: pa.Table, scans: list[pa.Table], files: list[str]) -
     if not len(valid_dims):
         raise ValueError(f"no embedding rows with a vector in {len(files)} file(s)")
     dim = pool_dimension(valid_dims)
+    ids = embedded.column("id")
+    # score_position[i]: the score row with embedding row i's id (−1: none).
+    score_position = pc.fill_null(pc.index_in(ids, value_set=score_rows.column("id")), -1).to_numpy()
+    score_position = score_position.astype(np.int64)
+    scored = score_position >= 0
+    first = np.zeros(len(embedded), dtype=bool)
+    scored_rows = np.flatnonzero(scored)
+    _, first_scored = np.unique(score_position[scored_rows], return_index=True)
+    first[scored_rows[first_scored]] = True
+    unscored_rows = np.flatnonzero(~scored)
+    first[unscored_rows[_first_occurrences(ids.take(pa.array(unscored_rows)))]] = True
+
     status = np.full(len(embedded), "", dtype=object)
     status[dims != dim] = Excluded.DIMENSION_MISMATCH.value
     status[(status == "") & embedded.column("non_finite").to_numpy(zero_copy_only=False)] = (
@@ -302,7 +468,6 @@ def plan_candidates(scores: pa.Table, scans: list[pa.Table], files: list[str]) -
     status[(status == "") & embedded.column("zero_norm").to_numpy(zero_copy_only=False)] = (
         Excluded.ZERO_NORM.value
     )
-    first = _first_occurrences(embedded.column("id"))
     status[(status == "") & ~first] = Excluded.DUPLICATE_EMBEDDING.value
     # An id whose first embedding row is bad is excluded for that reason; later duplicates of it too.
     for reason in (
@@ -319,146 +484,50 @@ def plan_candidates(scores: pa.Table, scans: list[pa.Table], files: list[str]) -
                 else ""
             )
             excluded.append(_excluded(embedded.filter(pa.array(mask)).column("id"), reason, detail))
-    usable = embedded.filter(pa.array(status == ""))
-    bad_ids = embedded.filter(pa.array((status != "") & first)).column("id")
+    usable = status == ""
 
-    joined = scores.select(["id", "score", "score_file", "score_row"]).join(
-        usable.select(["id", "file", "row"]), "id", join_type="full outer", use_threads=True
-    )
-    no_embedding = pc.is_null(joined.column("file"))
-    no_score = pc.is_null(joined.column("score"))
-    lacking = joined.filter(pc.and_(no_embedding, pc.invert(pc.is_in(joined.column("id"), bad_ids))))
+    # Score rows whose id has no usable vector: missing, unless its first embedding row was bad
+    # (then it is excluded for that reason above).
+    covered = np.zeros(len(score_rows), dtype=bool)
+    covered[score_position[usable & scored]] = True
+    covered[score_position[~usable & first & scored]] = True
+    lacking = np.flatnonzero(~covered)
     if len(lacking):
-        excluded.append(_excluded(lacking.column("id"), Excluded.MISSING_EMBEDDING))
-    unscored = joined.filter(pc.and_(no_score, pc.invert(pc.is_in(joined.column("id"), bad_score_ids))))
+        lacking_ids = score_rows.column("id").take(pa.array(lacking))
+        excluded.append(_excluded(lacking_ids, Excluded.MISSING_EMBEDDING))
+    # Usable vectors without a score row: missing, unless the id's score was unusable (excluded above).
+    unscored = embedded.filter(pa.array(usable & ~scored)).column("id")
+    unscored = unscored.filter(pc.invert(pc.is_in(unscored, value_set=score_side.bad_score_ids)))
     if len(unscored):
-        excluded.append(_excluded(unscored.column("id"), Excluded.MISSING_SCORE))
-    candidates = joined.filter(pc.and_(pc.invert(no_embedding), pc.invert(no_score)))
-    order = pc.sort_indices(candidates, sort_keys=[("score", "descending"), ("id", "ascending")])
-    ranked = candidates.take(order).select(["id", "score", "file", "row", "score_file", "score_row"])
+        excluded.append(_excluded(unscored, Excluded.MISSING_SCORE))
 
-    rank_of_row = [np.full(len(s), -1, dtype=np.int64) for s in scans]
-    file_of = ranked.column("file").to_numpy()
-    row_of = ranked.column("row").to_numpy()
-    for index in range(len(files)):
-        mine = np.flatnonzero(file_of == index)
-        rank_of_row[index][row_of[mine]] = mine
+    candidate_rows = np.flatnonzero(usable & scored)
+    positions = pa.array(score_position[candidate_rows])
+    keys = pa.table(
+        {
+            "id": ids.take(pa.array(candidate_rows)),
+            "score": score_rows.column("score").take(positions),
+            "file": embedded.column("file").take(pa.array(candidate_rows)),
+            "row": embedded.column("row").take(pa.array(candidate_rows)),
+            "score_file": score_rows.column("score_file").take(positions),
+            "score_row": score_rows.column("score_row").take(positions),
+        }
+    )
     excluded_table = pa.concat_tables(excluded) if excluded else EXCLUDED_SCHEMA.empty_table()
     plan = CandidatePlan(
         files=files,
         dim=dim,
-        ranked=ranked,
-        rank_of_row=rank_of_row,
+        keys=keys,
         excluded=excluded_table,
-        pool_scores=scores.column("score").to_numpy(zero_copy_only=False),
+        pool_scores=score_rows.column("score").to_numpy(zero_copy_only=False),
     )
     plan.counts = {
-        "score_rows": total_score_rows,
+        "score_rows": score_side.total_rows,
         "embedding_rows": total_embedding_rows,
-        "candidates": len(ranked),
+        "candidates": len(keys),
         "excluded": len(excluded_table),
     }
     return plan
-
-
-# --- candidate streams ----------------------------------------------------------------------------
-
-
-@dataclass
-class Chunk:
-    ranks: np.ndarray
-    vectors: np.ndarray  # float32 unit rows
-
-
-def load_ranked_vectors(
-    path: str, ranks: np.ndarray, start_rank: int, end_rank: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(ranks, unit vectors) of the candidate rows of one embedding file with rank in [start, end)."""
-    keep = np.flatnonzero((ranks >= start_rank) & (ranks < (end_rank if end_rank is not None else np.inf)))
-    if not len(keep):
-        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
-    column = pq.read_table(path, columns=["embedding"]).column("embedding")
-    matrix, _ = vectors_of(column.take(pa.array(keep)))
-    vectors, _ = normalize_rows(matrix)
-    return ranks[keep], vectors
-
-
-def local_stream(plan: CandidatePlan, start_rank: int, chunk_size: int, max_bytes: int) -> Iterator[Chunk]:
-    """Single process: all candidate vectors in one rank-ordered matrix."""
-    remaining = len(plan.ranked) - start_rank
-    needed = max(remaining, 0) * plan.dim * 4
-    if needed > max_bytes:
-        raise MemoryError(
-            f"the pool's embeddings need {needed / 2**30:.1f} GiB in the driver (limit "
-            f"index.max_pool_bytes = {max_bytes / 2**30:.1f} GiB); use index: {{type: ray}}"
-        )
-    pool = np.empty((max(remaining, 0), plan.dim), dtype=np.float32)
-    for path, ranks in zip(plan.files, plan.rank_of_row, strict=True):
-        got_ranks, vectors = load_ranked_vectors(path, ranks, start_rank)
-        if len(got_ranks):
-            pool[got_ranks - start_rank] = vectors
-    for offset in range(0, max(remaining, 0), chunk_size):
-        stop = min(offset + chunk_size, remaining)
-        yield Chunk(np.arange(start_rank + offset, start_rank + stop), pool[offset:stop])
-
-
-class _LoadRankedFile:
-    """Ray Data stage: one embedding file → its candidate rows (rank, unit vector) in a rank window."""
-
-    inputs = ("file",)
-
-    def __init__(self, files: list[str], rank_refs: list[Any], window: tuple[int, int], dim: int) -> None:
-        self.files, self.rank_refs, self.window, self.dim = files, rank_refs, window, dim
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import ray
-
-        if "file" not in batch:
-            raise KeyError(f"{type(self).__name__} needs column 'file'; got {sorted(batch)}")
-        all_ranks, all_vectors = [np.zeros(0, dtype=np.int64)], [np.zeros((0, self.dim), np.float32)]
-        for index in batch["file"].tolist():
-            ranks = ray.get(self.rank_refs[index])
-            got_ranks, vectors = load_ranked_vectors(self.files[index], ranks, *self.window)
-            if len(got_ranks):
-                all_ranks.append(got_ranks)
-                all_vectors.append(vectors)
-        return {"rank": np.concatenate(all_ranks), "embedding": np.concatenate(all_vectors)}
-
-
-def ray_stream(
-    plan: CandidatePlan, start_rank: int, chunk_size: int, task_num_cpus: float, first_window: int
-) -> Iterator[Chunk]:
-    """Distributed: Ray Data sorts the candidates of a rank window [start, start + w) by rank and the
-    driver pulls one chunk at a time. A scan usually stops at the budget long before the end of the
-    pool, so windows start at `first_window` ranks and double: the pool is read once per window
-    (only files holding ranks of the window), but only the window's vectors are shuffled."""
-    import ray
-
-    rank_refs = [ray.put(ranks) for ranks in plan.rank_of_row]
-    expected, window = start_rank, first_window
-    while expected < len(plan.ranked):
-        end = min(len(plan.ranked), expected + window)
-        files = [i for i, ranks in enumerate(plan.rank_of_row) if ((ranks >= expected) & (ranks < end)).any()]
-        ds = ray.data.from_items([{"file": i} for i in files], override_num_blocks=len(files))
-        ds = ds.map_batches(
-            _LoadRankedFile(plan.files, rank_refs, (expected, end), plan.dim),
-            batch_size=1,
-            num_cpus=task_num_cpus,
-            batch_format="numpy",
-        )
-        # prefetch_batches > 1 formats batches on a thread pool and, in Ray 2.60, can hand them out
-        # of order (seen in testing); the check below would catch it, the setting avoids it.
-        for batch in ds.sort("rank").iter_batches(
-            batch_size=chunk_size, batch_format="numpy", prefetch_batches=1
-        ):
-            ranks = batch["rank"].astype(np.int64)
-            if not np.array_equal(ranks, np.arange(expected, expected + len(ranks))):
-                raise RuntimeError(f"candidate stream out of order at rank {expected} (got {ranks[:3]}...)")
-            expected += len(ranks)
-            yield Chunk(ranks, np.ascontiguousarray(batch["embedding"], dtype=np.float32))
-        if expected != end:
-            raise RuntimeError(f"candidate stream lost rows: window ended at rank {expected}, expected {end}")
-        window *= 2
 
 
 def finite_or_none(value: float) -> float | None:

@@ -11,24 +11,24 @@ from deita_ray.config import Device, Paths, StageConfig, StrictConfig, result_fi
 
 
 class LocalIndexConfig(StrictConfig):
-    """Single-process selection: the driver holds the pool's embeddings and the accepted set."""
+    """Single-process selection, no Ray: the driver reads the embedding files in threads and holds the
+    accepted set and one window of candidate vectors (never the pool's)."""
 
     type: Literal["local"] = Field("local", description="Index selector.")
     library: Literal["numpy", "torch", "faiss"] = Field(
         "numpy", description="Similarity kernel: numpy (CPU BLAS), torch (CPU/CUDA) or faiss (extra 'index')."
     )
     device: Device = Field("auto", description="torch device ('auto': cuda if present).")
-    max_pool_bytes: int = Field(
-        8 * 2**30,
-        gt=0,
-        description="Refuse (with a hint to use index type 'ray') a pool whose float32 embeddings exceed "
-        "this many bytes, instead of running the driver out of memory.",
+    read_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Threads reading and validating embedding files (default: the CPU count, at most 8).",
     )
 
 
 class RayIndexConfig(StrictConfig):
-    """Distributed selection: candidates stream in score order from a Ray Data sort of the embedding
-    shards; the accepted set lives in `num_shards` index actors (GPU when they ask for one)."""
+    """Distributed selection: Ray tasks read and validate the embedding files and fetch the candidate
+    windows; the accepted set lives in `num_shards` index actors (GPU when they ask for one)."""
 
     type: Literal["ray"] = Field("ray", description="Index selector.")
     num_shards: int = Field(2, ge=1, description="Index actors holding the accepted set by rows.")
@@ -38,15 +38,11 @@ class RayIndexConfig(StrictConfig):
         0.5,
         ge=0,
         description="CPUs reserved by each index actor (leave room for the embedding read "
-        "tasks of the candidate stream, which run while the shards hold their reservation).",
+        "tasks of later candidate windows, which run while the shards hold their reservation).",
     )
     shard_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each index actor.")
-    task_num_cpus: float = Field(0.25, gt=0, description="CPUs per embedding read/validate task.")
-    first_window: int | None = Field(
-        None,
-        gt=0,
-        description="Ranks sorted and streamed in the first pass (later windows double). Default: "
-        "max(4 × budget, 16 × chunk_size) — the scan usually ends at the budget well before the pool does.",
+    task_num_cpus: float = Field(
+        0.25, gt=0, description="CPUs per embedding task (validating a file, reading a window's rows)."
     )
 
 
@@ -85,8 +81,21 @@ class SelectConfig(StageConfig):
     )
     index: IndexConfig = Field(
         default_factory=LocalIndexConfig,
-        description="Where the accepted set lives: {type: local|ray, ...}. Use 'ray' for pools whose "
-        "embeddings do not fit in the driver.",
+        description="Where the accepted set lives and who reads the embedding files: {type: local|ray, "
+        "...}. Use 'ray' to spread the reads over a cluster's nodes and the accepted set over actors.",
+    )
+    first_window: int | None = Field(
+        None,
+        gt=0,
+        description="Candidate ranks whose vectors the driver gets in the first window (kept by the "
+        "validation pass; later windows are read from the files and double). Default: max(4 × budget, "
+        "16 × chunk_size) — the scan usually ends at the budget well before that (speed only).",
+    )
+    max_window_bytes: int = Field(
+        2 * 2**30,
+        gt=0,
+        description="Most bytes of float32 candidate vectors the driver holds in one window (windows are "
+        "cut to fit: a pool of any size selects in bounded memory; speed only).",
     )
     sharegpt: bool = result_field(
         False, description="Also write each selected conversation in ShareGPT form (`conversations`)."

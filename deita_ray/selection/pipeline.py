@@ -1,8 +1,10 @@
 """`deita-ray select`: Deita's score-first, diversity-aware selection, exact and resumable.
 
-    scores (id, evol_score)  ─┐   driver: join by id, classify bad rows, rank (score ↓, id ↑)
-    embedding shards (scan)  ─┘
-    candidate stream in rank order (local matrix, or a Ray Data sort of the embedding shards)
+    scores (id, evol_score) → the ids of the best score rows (the first window of ranks, asked for by id)
+    embedding files → validation pass (threads, or Ray tasks): one narrow row per embedding row, plus
+                      the first window's vectors
+    driver: join by id, classify bad rows, narrow keys (score, id, file, row) per candidate
+    candidate windows in rank order (windows.py: top-k of the keys; later windows read only their rows)
       → per chunk: accepted-set index (local, or sharded over Ray actors) → sequential in-chunk pass
       → checkpoint (cursor + accepted set) every `checkpoint_interval_s`
     outputs: selected.jsonl / selected.parquet (acceptance order), excluded.parquet, report.json, plots/
@@ -33,6 +35,7 @@ from deita_ray.runtime.faults import pause_point
 from deita_ray.runtime.lock import output_lock
 from deita_ray.runtime.ray_cluster import alive_nodes, connect_ray, joined_cluster
 from deita_ray.selection import candidates as cand
+from deita_ray.selection import windows as win
 from deita_ray.selection.config import RayIndexConfig, SelectConfig
 from deita_ray.selection.greedy import greedy_step
 from deita_ray.selection.index import LocalIndex, ShardedIndex
@@ -68,12 +71,17 @@ class ScanState:
         return sum(len(r) for r in self.accepted_ranks)
 
 
+def checkpoint_cursor(root: str) -> dict[str, Any] | None:
+    """The last complete checkpoint's cursor (None: no checkpoint)."""
+    cursor_path = f"{root}/{CHECKPOINT_DIR}/cursor.json"
+    return io.read_json(cursor_path) if io.exists(cursor_path) else None
+
+
 def load_checkpoint(root: str, dim: int) -> ScanState:
     state = ScanState()
-    cursor_path = f"{root}/{CHECKPOINT_DIR}/cursor.json"
-    if not io.exists(cursor_path):
+    cursor = checkpoint_cursor(root)
+    if cursor is None:
         return state
-    cursor = io.read_json(cursor_path)
     # Parts beyond the cursor belong to a checkpoint that never completed: ignored (and overwritten).
     for seq in range(cursor["parts"]):
         scan = pq.read_table(f"{root}/{CHECKPOINT_DIR}/scan-{seq:06d}.parquet")
@@ -150,14 +158,9 @@ def _make_index(config: SelectConfig, dim: int, band: float):
     return LocalIndex(dim, config.threshold, band, index.library, index.device, capacity=config.budget)
 
 
-def _stream(config: SelectConfig, plan: cand.CandidatePlan, start_rank: int):
-    if isinstance(config.index, RayIndexConfig):
-        first_window = config.index.first_window or max(4 * config.budget, 16 * config.chunk_size)
-        return cand.ray_stream(plan, start_rank, config.chunk_size, config.index.task_num_cpus, first_window)
-    return cand.local_stream(plan, start_rank, config.chunk_size, config.index.max_pool_bytes)
-
-
-def scan(config: SelectConfig, plan: cand.CandidatePlan, state: ScanState) -> ScanState:
+def scan(
+    config: SelectConfig, plan: cand.CandidatePlan, windows: win.CandidateWindows, state: ScanState
+) -> ScanState:
     """The greedy walk from `state.scanned` until the budget is filled or the pool runs out."""
     band = rounding_band(plan.dim)
     index = _make_index(config, plan.dim, band)
@@ -165,7 +168,7 @@ def scan(config: SelectConfig, plan: cand.CandidatePlan, state: ScanState) -> Sc
         if state.accepted:
             index.add(np.concatenate(state.accepted_vectors))
         last_checkpoint = last_log = time.perf_counter()
-        for chunk in _stream(config, plan, state.scanned):
+        for chunk in windows.chunks(state.scanned, config.chunk_size):
             if state.accepted >= config.budget:
                 break
             pause_point("select", state.scanned)  # test-only fault injection (deita_ray/runtime/faults.py)
@@ -189,7 +192,7 @@ def scan(config: SelectConfig, plan: cand.CandidatePlan, state: ScanState) -> Sc
                 logger.warning(
                     "deita-ray select: scanned %d / %d candidates, accepted %d / %d",
                     state.scanned,
-                    len(plan.ranked),
+                    plan.candidates,
                     state.accepted,
                     config.budget,
                 )
@@ -205,7 +208,7 @@ def scan(config: SelectConfig, plan: cand.CandidatePlan, state: ScanState) -> Sc
 def _read_score_rows(path: str, rows: np.ndarray) -> list[dict[str, Any]]:
     """Full score rows (all columns) at the given row indices of one score file."""
     if io.source_kind(path) == "parquet":
-        return pq.read_table(path).take(pa.array(rows)).to_pylist()
+        return cand.read_rows(path, rows).to_pylist()
     lines = [io.parse_json_line(line) for _, line in io.iter_lines(path) if line.strip()]
     if lines and isinstance(lines[0], list):
         lines = lines[0]
@@ -232,14 +235,16 @@ def _messages(row: dict[str, Any]) -> list[dict[str, str]] | None:
 
 
 def selected_rows(
-    config: SelectConfig, plan: cand.CandidatePlan, state: ScanState, score_paths: list[str]
+    config: SelectConfig, order: win.RankOrder, state: ScanState, score_paths: list[str]
 ) -> list[dict[str, Any]]:
     """The accepted samples in acceptance order, with their full score rows."""
     ranks = np.concatenate(state.accepted_ranks or [np.zeros(0, np.int64)]).astype(np.int64)
-    picked = plan.ranked.take(pa.array(ranks))
+    ranked = order.ranked(state.scanned)  # every accepted rank is a scanned one
+    picked = ranked.take(pa.array(ranks))
+    ids = picked.column("id").to_pylist()
     files = picked.column("score_file").to_numpy()
     rows = picked.column("score_row").to_numpy()
-    max_sim = np.full(len(plan.ranked), np.nan, dtype=np.float32)
+    max_sim = np.full(len(ranked), np.nan, dtype=np.float32)
     if state.scan_ranks:
         max_sim[np.concatenate(state.scan_ranks)] = np.concatenate(state.scan_max_sim)
     full: list[dict[str, Any] | None] = [None] * len(ranks)
@@ -250,11 +255,11 @@ def selected_rows(
         ):
             full[position] = row
     out = []
-    for position, (rank, source) in enumerate(zip(ranks.tolist(), full, strict=True)):
+    for position, (rank, sample_id, source) in enumerate(zip(ranks.tolist(), ids, full, strict=True)):
         assert source is not None
         messages = _messages(source)
         record: dict[str, Any] = {
-            "id": plan.ranked.column("id")[rank].as_py(),
+            "id": sample_id,
             "rank": position + 1,
             config.score_column: source.get(config.score_column),
             "max_similarity": cand.finite_or_none(float(max_sim[rank])),
@@ -316,22 +321,18 @@ def write_outputs(config: SelectConfig, rows: list[dict[str, Any]], plan: cand.C
 # --- driver ---------------------------------------------------------------------------------------
 
 
-# Ray Data's sort tasks (the candidate stream of the Ray index) ask for one CPU each; Ray 2.60 offers no
-# setting for it. They run while the index shards hold their reservation.
-SORT_TASK_CPUS = 1.0
-
-
 def stream_room_problem(index: RayIndexConfig, nodes: list[dict[str, float]]) -> str | None:
-    """Why the candidate stream could never run beside the index shards on these nodes (None: it can).
-    Checked on the cluster's totals: without the room, the scan would wait forever for its sort tasks."""
+    """Why the candidate windows could never be read beside the index shards on these nodes (None: they
+    can). Checked on the cluster's totals: without the room, a scan that runs past its first window
+    would wait forever for its read tasks."""
     total = sum(node.get("CPU", 0.0) for node in nodes)
     reserved = index.num_shards * index.shard_num_cpus
-    if total - reserved >= SORT_TASK_CPUS:
+    if total - reserved >= index.task_num_cpus:
         return None
     return (
         f"select: {index.num_shards} index shards × {index.shard_num_cpus} CPU leave {total - reserved:g} of "
-        f"the cluster's {total:g} CPUs, and the candidate stream's sort tasks need {SORT_TASK_CPUS:g} "
-        "(lower index.shard_num_cpus or index.num_shards)"
+        f"the cluster's {total:g} CPUs, and the candidate windows' read tasks need {index.task_num_cpus:g} "
+        "(lower index.shard_num_cpus or index.num_shards, or index.task_num_cpus)"
     )
 
 
@@ -346,13 +347,35 @@ def check_stream_room(index: RayIndexConfig, joined_cluster: bool) -> None:
         logger.warning("%s; waiting for the autoscaler to add CPUs", problem)
 
 
-def _scan_embeddings(config: SelectConfig, files: list[str]) -> list[pa.Table]:
+def _reader(config: SelectConfig) -> win.Reader:
     if isinstance(config.index, RayIndexConfig):
-        import ray
+        return win.RayReader(config.index.task_num_cpus)
+    return win.LocalReader(config.index.read_threads)
 
-        task = ray.remote(cand.scan_embedding_file).options(num_cpus=config.index.task_num_cpus)
-        return ray.get([task.remote(path, i) for i, path in enumerate(files)])
-    return [cand.scan_embedding_file(path, i) for i, path in enumerate(files)]
+
+def first_window_ranks(config: SelectConfig) -> int:
+    return config.first_window or max(4 * config.budget, 16 * config.chunk_size)
+
+
+def plan_and_windows(
+    config: SelectConfig, score_paths: list[str], embedding_paths: list[str], resuming: bool
+) -> tuple[cand.CandidatePlan, win.CandidateWindows]:
+    """Read the scores, validate every embedding row (keeping the first window's vectors unless the
+    scan resumes further on), join and key the candidates; the windows the scan will read."""
+    reader = _reader(config)
+    score_rows = cand.clean_scores(cand.read_scores(score_paths, config.score_column))
+    gather = None
+    if not resuming:
+        dim_hint = cand.embedding_dim_hint(embedding_paths[0])
+        if dim_hint is not None:
+            sizes = win.WindowSizes.for_pool(first_window_ranks(config), config.max_window_bytes, dim_hint)
+            gather = win.first_window_request(score_rows.rows, dim_hint, sizes.first)
+    scans = reader.scan(embedding_paths, gather)
+    plan = cand.plan_candidates(score_rows, [s.rows for s in scans], embedding_paths)
+    sizes = win.WindowSizes.for_pool(first_window_ranks(config), config.max_window_bytes, plan.dim)
+    gathered = scans if gather is not None else None
+    windows = win.CandidateWindows(plan, win.RankOrder(plan.keys), reader, sizes, gathered, gather)
+    return plan, windows
 
 
 def run_select(config: SelectConfig) -> SelectReport:
@@ -382,23 +405,25 @@ def _select_locked(config: SelectConfig, started: float, score_paths: list[str],
         joined = joined_cluster(config.ray_address)
         connect_ray(config.ray_address)
         check_stream_room(config.index, joined)
-    scores = cand.read_scores(score_paths, config.score_column)
-    plan = cand.plan_candidates(scores, _scan_embeddings(config, embedding_paths), embedding_paths)
+    cursor = checkpoint_cursor(config.output)
+    plan, windows = plan_and_windows(
+        config, score_paths, embedding_paths, resuming=bool(cursor and cursor["scanned"])
+    )
     planned = time.perf_counter()
     state = load_checkpoint(config.output, plan.dim)
     resumed_from = state.scanned
     logger.warning(
         "deita-ray select: %d candidates (%d excluded), budget %d, τ=%s%s",
-        len(plan.ranked),
+        plan.candidates,
         len(plan.excluded),
         config.budget,
         config.threshold,
         f", resuming at candidate {resumed_from}" if resumed_from else "",
     )
-    if state.accepted < config.budget and state.scanned < len(plan.ranked):
-        state = scan(config, plan, state)
+    if state.accepted < config.budget and state.scanned < plan.candidates:
+        state = scan(config, plan, windows, state)
     scanned_at = time.perf_counter()
-    rows = selected_rows(config, plan, state, score_paths)
+    rows = selected_rows(config, windows.order, state, score_paths)
     write_outputs(config, rows, plan)
     timings = {
         "plan_seconds": planned - started,
@@ -408,7 +433,14 @@ def _select_locked(config: SelectConfig, started: float, score_paths: list[str],
     from deita_ray.selection.report import build_report, write_plots
 
     report = build_report(
-        config, plan, state, rows, timings, resumed_from, cand.embedding_metadata(embedding_paths)
+        config,
+        plan,
+        state,
+        rows,
+        timings,
+        resumed_from,
+        cand.embedding_metadata(embedding_paths),
+        [record.to_dict() for record in windows.records],
     )
     if config.plots:
         report = report.model_copy(update={"plots": write_plots(config.output, plan, state, rows, config)})

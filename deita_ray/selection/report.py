@@ -25,8 +25,9 @@ def build_report(
     timings: dict[str, float],
     resumed_from: int,
     embedding_metadata: dict[str, Any],
+    windows: list[dict[str, Any]] | None = None,
 ) -> SelectReport:
-    candidates = len(plan.ranked)
+    candidates = plan.candidates
     selected = len(rows)
     budget_reached = selected >= config.budget
     scan_seconds = timings.get("scan_seconds", 0.0)
@@ -55,6 +56,7 @@ def build_report(
         "chunk_size": config.chunk_size,
         "index": config.index.model_dump(mode="json"),
         "resumed_from_candidate": resumed_from,
+        "windows": windows or [],
         "timings": timings,
         "throughput": {"candidates_per_s": scanned_this_run / scan_seconds if scan_seconds else None},
         "files": {

@@ -19,7 +19,7 @@ def _demand(config: SelectConfig) -> list[dict[str, float]]:
     index = config.index
     if not isinstance(index, RayIndexConfig):
         return []  # the scan runs in the driver
-    # The candidate stream's sort tasks beside the shards are checked by the preflight, with its own
+    # The candidate windows' read tasks beside the shards are checked by the preflight, with its own
     # message (check_stream_room).
     return [{"CPU": index.shard_num_cpus, "GPU": index.shard_num_gpus}] * index.num_shards
 

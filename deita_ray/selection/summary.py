@@ -25,6 +25,9 @@ class SelectReport(StageSummary):
     chunk_size: int
     index: dict[str, Any]
     resumed_from_candidate: int
+    # The rank windows whose vectors the driver held, in scan order ({start, end, source}); empty in
+    # reports written before windows were recorded.
+    windows: list[dict[str, Any]] = []
     timings: dict[str, float]
     throughput: dict[str, float | None]
     files: dict[str, str]
