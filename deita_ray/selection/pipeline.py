@@ -373,7 +373,8 @@ def plan_and_windows(
     scans = reader.scan(embedding_paths, gather)
     plan = cand.plan_candidates(score_rows, [s.rows for s in scans], embedding_paths)
     sizes = win.WindowSizes.for_pool(first_window_ranks(config), config.max_window_bytes, plan.dim)
-    gathered = scans if gather is not None else None
+    # Only the kept vectors outlive planning (not the per-row validation tables).
+    gathered = [(s.gathered_rows, s.gathered_vectors) for s in scans] if gather is not None else None
     windows = win.CandidateWindows(plan, win.RankOrder(plan.keys), reader, sizes, gathered, gather)
     return plan, windows
 

@@ -210,7 +210,8 @@ class WindowRecord:
 
 
 class CandidateWindows:
-    """The candidate stream of one scan: chunks of unit vectors in rank order, from `start_rank`."""
+    """The candidate stream of one scan: chunks of unit vectors in rank order, from `start_rank`.
+    `gathered`: per embedding file, the (rows, raw vectors) the validation pass kept for `gather`."""
 
     def __init__(
         self,
@@ -218,7 +219,7 @@ class CandidateWindows:
         order: RankOrder,
         reader: Reader,
         sizes: WindowSizes,
-        gathered: list[EmbeddingScan] | None = None,
+        gathered: list[tuple[np.ndarray, np.ndarray]] | None = None,
         gather: GatherRequest | None = None,
     ) -> None:
         self.plan, self.order, self.reader, self.sizes = plan, order, reader, sizes
@@ -260,13 +261,13 @@ class CandidateWindows:
         window = np.empty((end, self.plan.dim), dtype=np.float32)
         for file_index in np.unique(files):
             mine = np.flatnonzero(files == file_index)
-            scan = gathered[int(file_index)]
-            at = np.searchsorted(scan.gathered_rows, rows[mine])
-            found = at < len(scan.gathered_rows)
-            found[found] = scan.gathered_rows[at[found]] == rows[mine][found]
+            kept_rows, kept_vectors = gathered[int(file_index)]
+            at = np.searchsorted(kept_rows, rows[mine])
+            found = at < len(kept_rows)
+            found[found] = kept_rows[at[found]] == rows[mine][found]
             if not found.all():
                 return None
-            window[mine] = scan.gathered_vectors[at]
+            window[mine] = kept_vectors[at]
         return window
 
     def _read(self, start: int, end: int) -> np.ndarray:
