@@ -76,10 +76,10 @@ def write_plots(
     output: str, plan: Any, state: Any, rows: list[dict[str, Any]], config: SelectConfig
 ) -> list[str]:
     """score_distribution.png, max_similarity.png, acceptance_along_scan.png under OUTPUT/plots/."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object API with the Agg canvas, not pyplot: no backend selection or global figure state, and
+    # a third less import time (plots are a visible part of a small selection's wall time).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     paths = []
     pool = plan.pool_scores[np.isfinite(plan.pool_scores)]
@@ -87,15 +87,21 @@ def write_plots(
     max_sim = _concat(state.scan_max_sim, np.float32)
     accepted = _concat(state.scan_accepted, bool)
 
+    def new_axes() -> tuple[Any, Any]:
+        fig = Figure(figsize=(6, 4))
+        FigureCanvasAgg(fig)
+        # Fixed margins that fit the labels: bbox_inches="tight" would draw every figure twice.
+        fig.subplots_adjust(left=0.12, right=0.95, bottom=0.13, top=0.91)
+        return fig, fig.add_subplot()
+
     def save(fig: Any, name: str) -> None:
         buffer = _bytes_io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        fig.savefig(buffer, format="png", dpi=110)
         path = f"{output}/plots/{name}"
         io.atomic_write_bytes(path, buffer.getvalue())
         paths.append(path)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_axes()
     bins = np.histogram_bin_edges(np.concatenate([pool, chosen]) if len(pool) else [0, 1], bins=40)
     ax.hist(pool, bins=bins, alpha=0.6, density=True, label=f"pool ({len(pool)})")
     if len(chosen):
@@ -106,7 +112,7 @@ def write_plots(
     ax.legend()
     save(fig, "score_distribution.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_axes()
     finite = max_sim[np.isfinite(max_sim)]
     if len(finite):
         ax.hist(finite, bins=60, color="tab:gray")
@@ -117,7 +123,7 @@ def write_plots(
     ax.legend()
     save(fig, "max_similarity.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_axes()
     if len(accepted):
         window = max(1, min(1000, len(accepted) // 20))
         rate = np.convolve(accepted.astype(float), np.ones(window) / window, mode="valid")
