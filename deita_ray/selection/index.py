@@ -115,11 +115,12 @@ class LocalIndex:
                 sims = (torch_queries @ self._torch_rows[start:stop].T).cpu().numpy()
             else:
                 sims = queries @ self.vectors[start:stop].T
+            block_max = sims.max(axis=1)
             block_conflict, block_rechecks = conflicts_from_block(
-                sims, queries, self.vectors[start:stop], self.threshold, self.band
+                sims, queries, self.vectors[start:stop], self.threshold, self.band, block_max
             )
             conflict |= block_conflict
-            np.maximum(max_sim, sims.max(axis=1), out=max_sim)
+            np.maximum(max_sim, block_max, out=max_sim)
             rechecks += block_rechecks
         return conflict, max_sim, rechecks
 

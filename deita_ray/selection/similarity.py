@@ -37,12 +37,19 @@ def exact_similarities(query: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 
 def conflicts_from_block(
-    sims: np.ndarray, queries: np.ndarray, keys: np.ndarray, threshold: float, band: float
+    sims: np.ndarray,
+    queries: np.ndarray,
+    keys: np.ndarray,
+    threshold: float,
+    band: float,
+    row_max: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """conflict[i] = some key has exact similarity > τ with query i, from the float32 block `sims`
-    (queries × keys); returns (conflict, number of exact re-checks)."""
-    conflict = (sims > threshold + band).any(axis=1)
-    unsure = np.flatnonzero(~conflict & (sims > threshold - band).any(axis=1))
+    (queries × keys) and its row maxima (computed if not given); returns (conflict, number of exact
+    re-checks). A row has a value above x iff its maximum is above x: one pass over the block."""
+    row_max = sims.max(axis=1) if row_max is None else row_max
+    conflict = row_max > threshold + band
+    unsure = np.flatnonzero(~conflict & (row_max > threshold - band))
     rechecks = 0
     for i in unsure:
         near = np.flatnonzero(sims[i] > threshold - band)
