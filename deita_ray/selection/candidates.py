@@ -41,6 +41,14 @@ class Excluded(str, Enum):
     NULL_ID = "null_id"
 
 
+# Why an embedding row is not its id's candidate row, in the order the checks apply.
+EMBEDDING_REASONS = (
+    Excluded.DIMENSION_MISMATCH,
+    Excluded.NON_FINITE_EMBEDDING,
+    Excluded.ZERO_NORM,
+    Excluded.DUPLICATE_EMBEDDING,
+)
+
 EXCLUDED_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
 
 
@@ -460,23 +468,20 @@ def plan_candidates(
     unscored_rows = np.flatnonzero(~scored)
     first[unscored_rows[_first_occurrences(ids.take(pa.array(unscored_rows)))]] = True
 
-    status = np.full(len(embedded), "", dtype=object)
-    status[dims != dim] = Excluded.DIMENSION_MISMATCH.value
-    status[(status == "") & embedded.column("non_finite").to_numpy(zero_copy_only=False)] = (
-        Excluded.NON_FINITE_EMBEDDING.value
+    # Each embedding row's verdict: 0 usable, else 1 + its index in EMBEDDING_REASONS (the first that
+    # applies, in that order). Small integers: comparisons over millions of rows stay cheap.
+    status = np.zeros(len(embedded), dtype=np.int8)
+    checks = (
+        dims != dim,
+        embedded.column("non_finite").to_numpy(zero_copy_only=False),
+        embedded.column("zero_norm").to_numpy(zero_copy_only=False),
+        ~first,
     )
-    status[(status == "") & embedded.column("zero_norm").to_numpy(zero_copy_only=False)] = (
-        Excluded.ZERO_NORM.value
-    )
-    status[(status == "") & ~first] = Excluded.DUPLICATE_EMBEDDING.value
+    for code, failed in enumerate(checks, start=1):
+        status[(status == 0) & failed] = code
     # An id whose first embedding row is bad is excluded for that reason; later duplicates of it too.
-    for reason in (
-        Excluded.DIMENSION_MISMATCH,
-        Excluded.NON_FINITE_EMBEDDING,
-        Excluded.ZERO_NORM,
-        Excluded.DUPLICATE_EMBEDDING,
-    ):
-        mask = status == reason.value
+    for code, reason in enumerate(EMBEDDING_REASONS, start=1):
+        mask = status == code
         if mask.any():
             detail = (
                 [f"dimension {d}, pool dimension {dim}" for d in dims[mask].tolist()]
@@ -484,7 +489,7 @@ def plan_candidates(
                 else ""
             )
             excluded.append(_excluded(embedded.filter(pa.array(mask)).column("id"), reason, detail))
-    usable = status == ""
+    usable = status == 0
 
     # Score rows whose id has no usable vector: missing, unless its first embedding row was bad
     # (then it is excluded for that reason above).
