@@ -3,8 +3,8 @@
 The scan usually stops at the budget long before the pool ends (a 10K budget on a 200K pool scans ~14K
 candidates), so nothing here costs in proportion to the pool's vectors:
 
-- ranks come from the narrow keys (score, id, file, row): `RankOrder` ranks a prefix with Arrow's
-  top-k selection over the keys not ranked yet, never sorting the pool;
+- ranks come from the narrow keys (score, id, file, row): `RankOrder` ranks a prefix by a partition of
+  the scores not ranked yet (ids compared only among the ties at the cutoff), never sorting the pool;
 - vectors move a window of ranks at a time: the first window's are kept by the validation pass itself
   (asked for by id before it starts: the ids of the best score rows), later windows read only their
   rows (and only the row groups holding them) from the embedding files. Windows start at
@@ -259,9 +259,8 @@ class CandidateWindows:
         self.order.extend_with(positions)
         files, rows = self.order.locations(0, end)
         window = np.empty((end, self.plan.dim), dtype=np.float32)
-        for file_index in np.unique(files):
-            mine = np.flatnonzero(files == file_index)
-            kept_rows, kept_vectors = gathered[int(file_index)]
+        for file_index, mine in _by_file(files):
+            kept_rows, kept_vectors = gathered[file_index]
             at = np.searchsorted(kept_rows, rows[mine])
             found = at < len(kept_rows)
             found[found] = kept_rows[at[found]] == rows[mine][found]
@@ -276,11 +275,19 @@ class CandidateWindows:
         files, rows = self.order.locations(start, end)
         window = np.empty((end - start, self.plan.dim), dtype=np.float32)
         requests, targets = [], []
-        for file_index in np.unique(files):
-            mine = np.flatnonzero(files == file_index)
+        for file_index, mine in _by_file(files):
             ascending = np.argsort(rows[mine], kind="stable")
-            requests.append((self.plan.files[int(file_index)], rows[mine][ascending]))
+            requests.append((self.plan.files[file_index], rows[mine][ascending]))
             targets.append(mine[ascending])
         for target, vectors in zip(targets, self.reader.load(requests), strict=True):
             window[target] = vectors
         return window
+
+
+def _by_file(files: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(file index, positions in `files` holding it) for each file present; one sort, whatever the
+    number of files (the embed stage writes one file per unit: thousands for a large pool)."""
+    order = np.argsort(files, kind="stable")
+    for group in np.split(order, np.flatnonzero(np.diff(files[order])) + 1):
+        if len(group):
+            yield int(files[group[0]]), group
