@@ -4,9 +4,9 @@ process's wall time grows with the pool at a fixed budget.
     python benchmarks/select_throughput.py                       # 200K × 384 and 2M × 384, budget 10K
     python benchmarks/select_throughput.py --n 20000 --dim 4096 --budget 2000 --large-factor 0
 
-One run, one synthetic pool written as the stages write it (a scores Parquet file with `id` and
-`evol_score`; an embeddings directory of fixed-size-list Parquet files, 25K rows each, rows of all
-ranks mixed in every file), measured as:
+One run, one synthetic pool (a scores Parquet file with `id` and `evol_score`; an embeddings directory
+written as `deita-ray embed` writes its shards: 1000 rows per file, fixed-size float32 lists, zstd; the
+ranks spread over the files at random), measured as:
   reference    Deita's loop with batch size 1 over the rank-ordered vectors: per candidate, gather the
                accepted rows from the (float64) pool matrix, convert to float32 tensors, normalise both
                sides, one matrix-vector product, compare with τ (what the original code does).
@@ -24,8 +24,8 @@ Checks that every selection is identical (the reference's on its prefix when it 
 
 Pool: clustered vectors; half the clusters are tight (members above τ of each other: one survives)
 and half loose (members below τ: all survive), so both accept and reject paths are exercised. Rank r
-has a score that does not increase with r (ties in groups of ~200, as rounded scores give) and the id
-f"{r:09d}", so rank order (score ↓, id ↑) is r; rows are spread over the files in random order.
+has a score that does not increase with r (ties in groups of n/10,000 ranks, as rounded scores give)
+and the id f"{r:09d}", so rank order (score ↓, id ↑) is r; rows are spread over the files at random.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from deita_ray import io
+from deita_ray.embedding.pipeline import embeddings_table
 from deita_ray.selection.greedy import greedy_select
 from deita_ray.selection.similarity import normalize_rows, rounding_band
 
@@ -71,13 +73,11 @@ def write_pool(
         )
         mine = ranks < len(kept)
         kept[ranks[mine]] = vectors[mine]
-        table = pa.table(
-            {
-                "id": [f"{r:09d}" for r in ranks.tolist()],
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
-            }
+        # As `deita-ray embed` writes its shards: its table (fixed-size float32 lists, metadata), zstd.
+        table = embeddings_table(
+            [f"{r:09d}" for r in ranks.tolist()], vectors, [False] * len(ranks), dim, {"dim": dim}
         )
-        pq.write_table(table, root / "embed" / "embeddings" / f"{k:05d}.parquet")
+        (root / "embed" / "embeddings" / f"{k:05d}.parquet").write_bytes(io.table_to_parquet_bytes(table))
     scores = np.round(10.0 - 10.0 * rank_of_row / n, 3)  # ~n/10000 ranks share each score
     ids = pa.array([f"{r:09d}" for r in rank_of_row.tolist()])
     pq.write_table(pa.table({"id": ids, "evol_score": scores}), root / "scores.parquet")
@@ -193,7 +193,9 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--rows-per-file", type=int, default=25_000)
+    parser.add_argument(
+        "--rows-per-file", type=int, default=1000, help="Rows per embedding file (the stages' shard size)."
+    )
     parser.add_argument(
         "--large-factor", type=int, default=10, help="The large pool is this many times --n (0: skip it)."
     )
@@ -207,7 +209,8 @@ def main() -> None:
     parser.add_argument("--tmp", default=None, help="Where to write the pools (default: the system's tmp).")
     args = parser.parse_args()
     results: dict = {"n": args.n, "dim": args.dim, "budget": args.budget, "threshold": args.threshold}
-    speedups: dict[str, float] = {}
+    # The machine may be shared: the load averages frame the figures.
+    results["load_average_at_start"] = [round(x, 1) for x in os.getloadavg()]
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         root = Path(tmp) / "pool"
@@ -258,6 +261,7 @@ def main() -> None:
     if not args.skip_ray:
         speedups["distributed_in_process"] = ref_total / results["distributed_s"]
         speedups["process_ray"] = ref_total / results["process_ray"]["wall_s"]
+    results["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
     results.update(
         reference={
             "scanned": ref_scanned,
