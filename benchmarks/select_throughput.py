@@ -15,7 +15,7 @@ ranks spread over the files at random), measured as:
   process      `python -m deita_ray.cli select` as a user runs it (default local index, plots on):
                interpreter start, reading and validating every score and embedding row, the join, the
                windows of ranks, the scan, selected.jsonl/parquet, excluded.parquet, report and plots.
-               Wall time measured around the process; peak RSS of the process (`wait4`).
+               Wall time measured around the process; its peak RSS (VmHWM, sampled every 50 ms).
   process ray  the same with `--index ray` (includes starting a local Ray), for orientation.
   large        the process again on a pool `--large-factor` times larger, same budget: written chunk by
                chunk (never held whole), its selection checked against the in-process greedy over the
@@ -108,6 +108,17 @@ def reference_greedy(
     return accepted, scanned
 
 
+def _peak_rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:  # exited meanwhile
+        pass
+    return 0
+
+
 def run_process(root: Path, out: str, budget: int, threshold: float, extra: list[str]) -> dict:
     """`deita-ray select` as a separate process: wall time, peak RSS, selected ranks, report."""
     command = [
@@ -117,20 +128,26 @@ def run_process(root: Path, out: str, budget: int, threshold: float, extra: list
     ]  # fmt: skip
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     start = time.perf_counter()
-    process = subprocess.Popen(
-        command, env={**os.environ, "PYTHONPATH": path}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    _, status, usage = os.wait4(process.pid, 0)  # this child's own peak RSS, not the children's max
-    wall = time.perf_counter() - start
-    stderr = process.stderr.read().decode() if process.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{stderr}")
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(
+            command, env={**os.environ, "PYTHONPATH": path}, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+        peak_kib = 0
+        # VmHWM, sampled: the process's own peak after exec (the rusage maxrss of a child counts the
+        # fork of this process, which holds the pool).
+        while process.poll() is None:
+            peak_kib = max(peak_kib, _peak_rss_kib(process.pid))
+            time.sleep(0.05)
+        wall = time.perf_counter() - start
+        if process.returncode != 0:
+            stderr.seek(0)
+            raise SystemExit(f"{' '.join(command)} failed:\n{stderr.read().decode()[-5000:]}")
     with open(root / out / "selected.jsonl") as handle:
         selected = [int(json.loads(line)["id"]) for line in handle]
     report = json.loads((root / out / "report.json").read_text())
     return {
         "wall_s": round(wall, 2),
-        "peak_rss_mib": round(usage.ru_maxrss / 1024),  # KiB on Linux
+        "peak_rss_mib": round(peak_kib / 1024),
         "selected": selected,
         "scanned": report["scanned"],
         "windows": report["windows"],

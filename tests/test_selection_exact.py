@@ -12,7 +12,7 @@ from select_reference import exact_cos, plain_greedy, plain_greedy_float32, rank
 from deita_ray.selection.greedy import greedy_select, resolve_chunk
 from deita_ray.selection.index import LocalIndex, ShardedIndex
 from deita_ray.selection.similarity import normalize_rows, rounding_band
-from deita_ray.selection.windows import RankOrder, top_positions
+from deita_ray.selection.windows import MAX_FILES_PER_GROUP, RankOrder, file_groups, top_positions
 
 
 def make_pool(
@@ -176,3 +176,11 @@ def test_rank_order_prefixes_equal_the_full_sort(scores: list[float], steps: lis
     head.extend_with(np.array(expected[: steps[0]][::-1], dtype=np.int64))
     head.extend_to(len(ids))
     assert head.ranked(len(ids)).column("id").to_pylist() == [ids[i] for i in expected]
+
+
+def test_file_groups_cover_every_file_once_in_bounded_groups() -> None:
+    for count, readers in ((0, 2), (1, 8), (7, 2), (200, 2), (2000, 2), (2000, 64)):
+        groups = file_groups(count, readers)
+        assert [i for a, b in groups for i in range(a, b)] == list(range(count))
+        assert all(0 < b - a <= MAX_FILES_PER_GROUP for a, b in groups)
+        assert len(groups) >= min(count, 4 * readers)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -241,17 +241,51 @@ class EmbeddingScan:
 
 
 def scan_embedding_file(path: str, file_index: int, gather: GatherRequest | None = None) -> EmbeddingScan:
-    """Validate every vector of one embedding file, batch by batch; keep only the vectors `gather` asks
-    for. An unreadable file raises io.UnreadableFileError naming it."""
+    """`scan_embedding_files` of one file."""
+    return scan_embedding_files([path], file_index, gather)[0]
+
+
+def scan_embedding_files(
+    paths: list[str], first_index: int, gather: GatherRequest | None = None
+) -> list[EmbeddingScan]:
+    """Validate every vector of consecutive embedding files (indices first_index, first_index + 1, ...),
+    batch by batch; keep only the vectors `gather` asks for. The files stay open while their ids are
+    looked up in the window's ids all at once: a lookup builds a hash table of those ids, which costs
+    more than the lookups themselves for a file of a thousand rows (the stages' shard size), and
+    opening a file twice costs about as much. An unreadable file raises io.UnreadableFileError naming it."""
+    with ExitStack() as stack:
+        files, ids = [], []
+        for path in paths:
+            with io.reading(path):
+                parquet = stack.enter_context(open_parquet(path))
+                file_ids = _as_text(parquet.read(columns=["id"]).column("id"))
+            files.append(parquet)
+            ids.append(file_ids.combine_chunks() if isinstance(file_ids, pa.ChunkedArray) else file_ids)
+        wanted: list[np.ndarray | None] = [None] * len(paths)
+        if gather is not None and paths:
+            found = pc.is_in(pa.chunked_array(ids, pa.string()), value_set=gather.ids)
+            found = found.to_numpy(zero_copy_only=False)
+            bounds = np.cumsum([0] + [len(file_ids) for file_ids in ids])
+            wanted = [found[bounds[k] : bounds[k + 1]] for k in range(len(paths))]
+        return [
+            _scan_vectors(path, parquet, first_index + k, ids[k], wanted[k], gather)
+            for k, (path, parquet) in enumerate(zip(paths, files, strict=True))
+        ]
+
+
+def _scan_vectors(
+    path: str,
+    parquet: pq.ParquetFile,
+    file_index: int,
+    ids: pa.Array,
+    wanted: np.ndarray | None,
+    gather: GatherRequest | None,
+) -> EmbeddingScan:
+    """The validation of one (open) file's vectors, keeping those of the `wanted` rows."""
     lengths, non_finite, zero = [np.zeros(0, np.int64)], [np.zeros(0, bool)], [np.zeros(0, bool)]
     kept_rows: list[np.ndarray] = []
     kept_vectors: list[np.ndarray] = []
-    with io.reading(path), open_parquet(path) as parquet:
-        ids = _as_text(parquet.read(columns=["id"]).column("id"))
-        # One set lookup per file (each lookup builds a hash table of the window's ids).
-        wanted = (
-            pc.is_in(ids, value_set=gather.ids).to_numpy(zero_copy_only=False) if gather is not None else None
-        )
+    with io.reading(path):
         offset = 0
         # Arrow's own threads off: files are read in parallel by the caller (threads or Ray tasks).
         batches = parquet.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=["embedding"], use_threads=False)
@@ -282,7 +316,7 @@ def scan_embedding_file(path: str, file_index: int, gather: GatherRequest | None
     gathered_rows = np.concatenate(kept_rows) if kept_rows else np.zeros(0, np.int64)
     width = gather.dim if gather is not None else 0
     gathered_vectors = np.concatenate(kept_vectors) if kept_vectors else np.zeros((0, width), np.float32)
-    if len(gathered_rows):
+    if len(gathered_rows) > 1:
         # Only an id's first row can be its candidate row: a file repeating a window id many times
         # must not fill the driver with copies.
         first = _first_occurrences(ids.take(pa.array(gathered_rows)))
@@ -322,6 +356,11 @@ def load_rows(path: str, rows: np.ndarray) -> np.ndarray:
     """float32 vectors (as stored, not normalised) of the given rows of one embedding file."""
     matrix, _ = vectors_of(read_rows(path, rows, ["embedding"]).column("embedding"))
     return matrix
+
+
+def load_rows_of_files(requests: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
+    """`load_rows` of several (file, rows) requests: one call (one task) for many small files."""
+    return [load_rows(path, rows) for path, rows in requests]
 
 
 # --- joining and ranking ---------------------------------------------------------------------------

@@ -358,10 +358,15 @@ def first_window_ranks(config: SelectConfig) -> int:
 
 
 def plan_and_windows(
-    config: SelectConfig, score_paths: list[str], embedding_paths: list[str], resuming: bool
+    config: SelectConfig,
+    score_paths: list[str],
+    embedding_paths: list[str],
+    resuming: bool,
+    timings: dict[str, float],
 ) -> tuple[cand.CandidatePlan, win.CandidateWindows]:
     """Read the scores, validate every embedding row (keeping the first window's vectors unless the
-    scan resumes further on), join and key the candidates; the windows the scan will read."""
+    scan resumes further on), join and key the candidates; the windows the scan will read. The
+    validation pass's seconds go to `timings` (it is the one part that reads the whole pool)."""
     reader = _reader(config)
     score_rows = cand.clean_scores(cand.read_scores(score_paths, config.score_column))
     gather = None
@@ -370,7 +375,9 @@ def plan_and_windows(
         if dim_hint is not None:
             sizes = win.WindowSizes.for_pool(first_window_ranks(config), config.max_window_bytes, dim_hint)
             gather = win.first_window_request(score_rows.rows, dim_hint, sizes.first)
+    started = time.perf_counter()
     scans = reader.scan(embedding_paths, gather)
+    timings["embedding_pass_seconds"] = time.perf_counter() - started
     plan = cand.plan_candidates(score_rows, [s.rows for s in scans], embedding_paths)
     sizes = win.WindowSizes.for_pool(first_window_ranks(config), config.max_window_bytes, plan.dim)
     # Only the kept vectors outlive planning (not the per-row validation tables).
@@ -407,8 +414,9 @@ def _select_locked(config: SelectConfig, started: float, score_paths: list[str],
         connect_ray(config.ray_address)
         check_stream_room(config.index, joined)
     cursor = checkpoint_cursor(config.output)
+    timings: dict[str, float] = {}
     plan, windows = plan_and_windows(
-        config, score_paths, embedding_paths, resuming=bool(cursor and cursor["scanned"])
+        config, score_paths, embedding_paths, bool(cursor and cursor["scanned"]), timings
     )
     planned = time.perf_counter()
     state = load_checkpoint(config.output, plan.dim)
@@ -426,11 +434,11 @@ def _select_locked(config: SelectConfig, started: float, score_paths: list[str],
     scanned_at = time.perf_counter()
     rows = selected_rows(config, windows.order, state, score_paths)
     write_outputs(config, rows, plan)
-    timings = {
-        "plan_seconds": planned - started,
-        "scan_seconds": scanned_at - planned,
-        "total_seconds": time.perf_counter() - started,
-    }
+    timings.update(
+        plan_seconds=planned - started,
+        scan_seconds=scanned_at - planned,
+        total_seconds=time.perf_counter() - started,
+    )
     from deita_ray.selection.report import build_report, write_plots
 
     report = build_report(

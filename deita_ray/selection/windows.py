@@ -33,8 +33,8 @@ from deita_ray.selection.candidates import (
     CandidatePlan,
     EmbeddingScan,
     GatherRequest,
-    load_rows,
-    scan_embedding_file,
+    load_rows_of_files,
+    scan_embedding_files,
 )
 from deita_ray.selection.similarity import normalize_rows
 
@@ -120,6 +120,22 @@ def _default_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+# Groups of consecutive files per reader call: enough of them to balance the readers (files differ in
+# size), few enough that each call's per-call costs (one lookup of the window's ids) spread over many
+# files; at most MAX_FILES_PER_GROUP files, which a call holds open at once.
+GROUPS_PER_READER = 4
+MAX_FILES_PER_GROUP = 64
+
+
+def file_groups(count: int, readers: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of consecutive file indices: at least GROUPS_PER_READER per reader, at most
+    MAX_FILES_PER_GROUP files each."""
+    parts = max(GROUPS_PER_READER * max(readers, 1), -(-count // MAX_FILES_PER_GROUP))
+    parts = max(1, min(count, parts))
+    bounds = np.linspace(0, count, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
 class LocalReader:
     """Embedding files read by a thread pool of this process (Arrow's Parquet reads and numpy's
     reductions release the GIL, so the threads use the cores)."""
@@ -134,10 +150,12 @@ class LocalReader:
             return list(pool.map(lambda call: function(*call), calls))
 
     def scan(self, files: list[str], gather: GatherRequest | None) -> list[EmbeddingScan]:
-        return self._map(scan_embedding_file, [(path, i, gather) for i, path in enumerate(files)])
+        calls = [(files[a:b], a, gather) for a, b in file_groups(len(files), self.threads)]
+        return [scan for group in self._map(scan_embedding_files, calls) for scan in group]
 
     def load(self, requests: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
-        return self._map(load_rows, requests)
+        calls = [(requests[a:b],) for a, b in file_groups(len(requests), self.threads)]
+        return [vectors for group in self._map(load_rows_of_files, calls) for vectors in group]
 
 
 class RayReader:
@@ -146,19 +164,30 @@ class RayReader:
     def __init__(self, task_num_cpus: float) -> None:
         import ray
 
-        self._scan = ray.remote(scan_embedding_file).options(num_cpus=task_num_cpus)
-        self._load = ray.remote(load_rows).options(num_cpus=task_num_cpus)
+        self.task_num_cpus = task_num_cpus
+        self._scan = ray.remote(scan_embedding_files).options(num_cpus=task_num_cpus)
+        self._load = ray.remote(load_rows_of_files).options(num_cpus=task_num_cpus)
 
     def scan(self, files: list[str], gather: GatherRequest | None) -> list[EmbeddingScan]:
         import ray
 
         gather_ref = ray.put(gather)  # one copy of the window's ids for every task
-        return ray.get([self._scan.remote(path, i, gather_ref) for i, path in enumerate(files)])
+        groups = file_groups(len(files), self._slots())
+        scans = ray.get([self._scan.remote(files[a:b], a, gather_ref) for a, b in groups])
+        return [scan for group in scans for scan in group]
 
     def load(self, requests: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
         import ray
 
-        return ray.get([self._load.remote(path, rows) for path, rows in requests])
+        groups = file_groups(len(requests), self._slots())
+        loaded = ray.get([self._load.remote(requests[a:b]) for a, b in groups])
+        return [vectors for group in loaded for vectors in group]
+
+    def _slots(self) -> int:
+        """Tasks the cluster runs at once (now; an autoscaler may add more)."""
+        import ray
+
+        return max(1, int(ray.cluster_resources().get("CPU", 1) / self.task_num_cpus))
 
 
 Reader = LocalReader | RayReader
