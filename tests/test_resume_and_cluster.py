@@ -161,29 +161,19 @@ class CliRun:
     its environment that Ray workers inherit, is killed here by pid.
     """
 
-    def __init__(self, args: list[str], command: str = "score", env_extra: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], command: str = "score",
+                 env_extra: dict[str, str] | None = None) -> None:
         self.tag = uuid.uuid4().hex
         self.ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths are limited
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         # RAY_worker_niceness: the run's Ray workers at the normal priority, not Ray's nice 15, which a
         # busy machine starves (tests/fault_injection.py, NORMAL_PRIORITY).
-        env.update(
-            RAY_TMPDIR=self.ray_tmp,
-            DEITA_RAY_TEST_TAG=self.tag,
-            HF_HUB_OFFLINE="1",
-            RAY_USAGE_STATS_ENABLED="0",
-            TOKENIZERS_PARALLELISM="false",
-            RAY_worker_niceness="0",
-        )
+        env.update(RAY_TMPDIR=self.ray_tmp, DEITA_RAY_TEST_TAG=self.tag, HF_HUB_OFFLINE="1",
+                   RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false", RAY_worker_niceness="0")
         env.update(env_extra or {})
         self.log = open(Path(self.ray_tmp) / "driver.log", "w+")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [str(DEITA_RAY), command, *args],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.proc = subprocess.Popen([str(DEITA_RAY), command, *args], env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:
         self.log.flush()
@@ -213,7 +203,7 @@ class CliRun:
                 continue
             try:
                 stat = (entry / "stat").read_text()
-                fields = stat[stat.rindex(")") + 2 :].split()
+                fields = stat[stat.rindex(")") + 2:].split()
                 if fields[0] in ("Z", "X"):
                     continue
                 if f"DEITA_RAY_TEST_TAG={self.tag}".encode() in (entry / "environ").read_bytes().split(b"\0"):
@@ -246,27 +236,10 @@ class CliRun:
 
 
 def _cli_args(pool_dir: Path, model_dir: str, output: Path, config_yaml: Path, *extra: str) -> list[str]:
-    return [
-        "--config",
-        str(config_yaml),
-        "--input",
-        str(pool_dir),
-        "--output",
-        str(output),
-        "--complexity-model",
-        model_dir,
-        "--quality-model",
-        model_dir,
-        "--batch-size",
-        str(BATCH_SIZE),
-        "--rows-per-shard",
-        str(ROWS_PER_SHARD),
-        "--num-actors",
-        "1",
-        "--num-cpus",
-        "1",
-        *extra,
-    ]
+    return ["--config", str(config_yaml), "--input", str(pool_dir), "--output", str(output),
+            "--complexity-model", model_dir, "--quality-model", model_dir,
+            "--batch-size", str(BATCH_SIZE), "--rows-per-shard", str(ROWS_PER_SHARD),
+            "--num-actors", "1", "--num-cpus", "1", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -286,9 +259,8 @@ def test_resume_after_killed_driver(pool_dir, model_dir, tmp_path, request):
 
     output, pause = tmp_path / "out", tmp_path / "pause"
     config_yaml = tmp_path / "score.yaml"  # the pause reaches the actor through resources.actor_env
-    config_yaml.write_text(
-        json.dumps({"backend": BACKEND, "resources": {"actor_env": pause_env("score", 2, pause)}})
-    )
+    config_yaml.write_text(json.dumps({"backend": BACKEND,
+                                       "resources": {"actor_env": pause_env("score", 2, pause)}}))
     args = _cli_args(pool_dir, model_dir, output, config_yaml)
 
     run = CliRun(args)
@@ -325,9 +297,8 @@ def test_resume_after_killed_driver(pool_dir, model_dir, tmp_path, request):
     assert_same_output(output, reference)
 
 
-def test_config_change_refused_unless_overwrite(
-    pool_dir, model_dir, config_yaml, reference, tmp_path, ray_local, capsys
-):  # noqa: F811
+def test_config_change_refused_unless_overwrite(pool_dir, model_dir, config_yaml, reference, tmp_path,
+                                                ray_local, capsys):  # noqa: F811
     output = tmp_path / "out"
     shutil.copytree(reference, output)
     before = _marker_mtimes(output)
@@ -394,14 +365,8 @@ def test_two_scorer_actors_match_one(pool_dir, model_dir, reference, tmp_path, r
     # (fast) units while the second is still importing torch, and the test would prove nothing.
     context.wait_for_min_actors_s = 300
     try:
-        summary = deita_ray.score(
-            _config(
-                pool_dir,
-                model_dir,
-                output,
-                resources={"scorer_num_cpus": 0.5, "min_actors": 2, "max_actors": 2},
-            )
-        )
+        summary = deita_ray.score(_config(pool_dir, model_dir, output, resources={
+            "scorer_num_cpus": 0.5, "min_actors": 2, "max_actors": 2}))
     finally:
         context.wait_for_min_actors_s = wait
     assert summary["units_this_run"] == N_UNITS
@@ -421,15 +386,9 @@ def test_multi_node_cluster_matches_single_node(pool_dir, model_dir, reference, 
         worker = cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
         output = tmp_path / "out"
-        summary = deita_ray.score(
-            _config(
-                pool_dir,
-                model_dir,
-                output,
-                ray_address=cluster.address,
-                resources={"scorer_num_cpus": 1.5, "min_actors": 1, "max_actors": 1},
-            )
-        )
+        summary = deita_ray.score(_config(pool_dir, model_dir, output, ray_address=cluster.address,
+                                          resources={"scorer_num_cpus": 1.5, "min_actors": 1,
+                                                     "max_actors": 1}))
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         assert summary["units_this_run"] == N_UNITS
         nodes = {m["scorer_node"] for m in _markers(output).values()}
