@@ -17,7 +17,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from fault_injection import kill_paused, pause_env, wait_for_pause
+from fault_injection import kill_paused, local_cluster, pause_env, wait_for_pause
+from ray_cluster import ray_local, start_local_ray  # noqa: F401
 from test_resume_and_cluster import CliRun
 
 pytestmark = pytest.mark.integration
@@ -46,16 +47,6 @@ def sft_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     lines += [json.dumps({"instruction": "Say nothing.", "output": ""}), "{not json", json.dumps({"foo": 1})]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 def sft_fields(data: Path, model: Path, output: Path, **overrides) -> dict:
@@ -104,10 +95,11 @@ def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tiny_llama: Path, sft_data: Path, tmp_path_factory: pytest.TempPathFactory, local_ray) -> Path:
+def ddp_run(tiny_llama: Path, sft_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference run: 2 workers × batch 2, 4 steps, checkpoints at steps 2 and 4."""
     import deita_ray
 
+    start_local_ray()
     output = tmp_path_factory.mktemp("sft") / "ddp2"
     deita_ray.train_sft(**sft_fields(sft_data, tiny_llama, output))
     return output
@@ -195,9 +187,8 @@ def test_sft_outputs(ddp_run: Path) -> None:
     assert changed, "training changed no weight"
 
 
-def test_data_parallel_equivalence(
-    ddp_run: Path, tiny_llama: Path, sft_data: Path, tmp_path: Path, local_ray
-) -> None:
+@pytest.mark.usefixtures("ray_local")
+def test_data_parallel_equivalence(ddp_run: Path, tiny_llama: Path, sft_data: Path, tmp_path: Path) -> None:
     """1 worker × batch 4 trains the same samples per step as 2 workers × batch 2: same losses."""
     import deita_ray
 
@@ -210,8 +201,9 @@ def test_data_parallel_equivalence(
     assert_same_weights(single / "model", ddp_run / "model")
 
 
+@pytest.mark.usefixtures("ray_local")
 def test_rerun_of_finished_output_is_skipped_and_change_refused(
-    ddp_run: Path, tiny_llama: Path, sft_data: Path, local_ray
+    ddp_run: Path, tiny_llama: Path, sft_data: Path
 ) -> None:
     import deita_ray
 
@@ -251,9 +243,40 @@ def test_killed_run_resumes_to_the_same_weights(
             assert run.wait(600) == 0, run.output()[-3000:]
             assert "resumed at step 2/4" in run.output()
     finally:
-        run.kill()
-        run.cleanup()
+        if not run.log.closed:
+            run.kill()
+            run.cleanup()
     assert [r["step"] for r in metrics(output)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in metrics(output)] == pytest.approx(
+        [r["loss"] for r in metrics(ddp_run)], rel=1e-4
+    )
+    assert_same_weights(output / "model", ddp_run / "model")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "nodes"),
+    [
+        ("zero3", 1),
+        pytest.param("ddp", 2, marks=pytest.mark.slow),
+        pytest.param("zero3", 2, marks=pytest.mark.slow),
+    ],
+)
+def test_strategies_and_nodes_train_alike(
+    strategy: str, nodes: int, ddp_run: Path, tiny_llama: Path, sft_data: Path, tmp_path: Path
+) -> None:
+    """2 workers with DeepSpeed ZeRO-3 (the model built sharded, gloo) on one node, and DDP or ZeRO-3 on
+    two nodes (a `ray.cluster_utils.Cluster`; each node saves and reports its own ranks' files), train
+    as the one-node DDP run does: the same per-step losses and final weights (and so as 1 worker × 4)."""
+    import deita_ray
+
+    output = tmp_path / f"{strategy}-{nodes}"
+    fields = sft_fields(sft_data, tiny_llama, output, strategy=strategy)
+    if nodes == 1:
+        start_local_ray()
+        deita_ray.train_sft(**fields)
+    else:
+        with local_cluster(head_cpus=1, workers={"second": {"num_cpus": 1}}):
+            deita_ray.train_sft(**fields)
     assert [r["loss"] for r in metrics(output)] == pytest.approx(
         [r["loss"] for r in metrics(ddp_run)], rel=1e-4
     )
@@ -263,7 +286,8 @@ def test_killed_run_resumes_to_the_same_weights(
 # --- DPO + LoRA --------------------------------------------------------------------------------------
 
 
-def test_dpo_with_lora_merges_exactly(tiny_llama: Path, tmp_path: Path, local_ray) -> None:
+@pytest.mark.usefixtures("ray_local")
+def test_dpo_with_lora_merges_exactly(tiny_llama: Path, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -284,11 +308,17 @@ def test_dpo_with_lora_merges_exactly(tiny_llama: Path, tmp_path: Path, local_ra
         learning_rate=1e-2,
         warmup_ratio=0.0,
         lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        precompute_ref_log_probs=True,
     )
     assert summary.steps == 2 and summary.data["examples"] + summary.data["rejected"] == 24
     rows = metrics(output)
     assert [r["step"] for r in rows] == [1, 2]
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= rows[0].keys()
+
+    # The reference log-probs were computed once and cached beside the examples (keyed by the data
+    # and a hash of the reference weights).
+    cached = list((output / "cache").glob("*/cache-*.arrow"))
+    assert len(cached) == 1, list((output / "cache").rglob("*"))
 
     merged = AutoModelForCausalLM.from_pretrained(output / "model").eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()

@@ -17,8 +17,8 @@ check need to know about it; none of them names a stage:
 
 Register a stage with `register_stage(stage)`; `stages()` lists them in registration order, which is
 also the order a run executes them in. Stages shipped with deita_ray register themselves when
-`deita_ray.runtime.units` is imported; others register from their own module (or through the
-`deita_ray.runtime.units` entry-point group of an installed package).
+the registry is first read; others register from their own module (or through the
+`deita_ray.stages` entry-point group of an installed package).
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def _load() -> None:
     _loaded = True
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
-    for entry in importlib.metadata.entry_points(group="deita_ray.runtime.units"):
+    for entry in importlib.metadata.entry_points(group="deita_ray.stages"):
         try:
             entry.load()
         except Exception as exc:  # a broken plugin must not take the built-in stages down with it

@@ -167,6 +167,8 @@ def _fit(config: TrainConfig, kind: str, prepared: Any, tokenizer_dir: str) -> A
             "sink": sink,
             "tokenizer_dir": os.path.abspath(tokenizer_dir),
             "run_name": run_name(config),
+            "cache_dir": os.path.abspath(f"{config.output}/cache"),
+            "data_fingerprint": prepared.fingerprint(),
         },
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         scaling_config=ScalingConfig(

@@ -103,13 +103,22 @@ def _precision(config: Any) -> tuple[bool, bool]:
 
 
 def _shared_scratch(run_name: str) -> str:
-    """A fresh local directory for this attempt's checkpoints, the same for the ranks of a node."""
+    """A fresh local directory for this attempt's checkpoints: one per node, shared by its ranks (a
+    node's checkpoint directory then holds exactly its own ranks' files)."""
+    import ray
+    import ray.train
     import torch.distributed as dist
 
     token = [f"{time.time_ns()}-{os.getpid()}"]
     if dist.is_initialized():
         dist.broadcast_object_list(token, src=0)
-    path = Path(tempfile.gettempdir()) / "deita_ray_train" / run_name / token[0]
+    node = ray.get_runtime_context().get_node_id()[:12]
+    run_root = Path(tempfile.gettempdir()) / "deita_ray_train" / run_name
+    if ray.train.get_context().get_local_rank() == 0:  # an earlier attempt's leftovers (it was killed)
+        for stale in run_root.glob("*"):
+            if stale.name != token[0]:
+                shutil.rmtree(stale, ignore_errors=True)
+    path = run_root / token[0] / node
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
 
@@ -133,7 +142,10 @@ def train_loop(loop: dict[str, Any]) -> None:
         deepspeed.init_distributed(dist_backend="gloo")  # before the model: ZeRO-3 builds it sharded
 
     examples = ray.get(loop["examples"])
-    train_dataset = datasets.Dataset.from_list(examples)
+    if kind == "dpo" and config.precompute_ref_log_probs:
+        train_dataset = _file_backed(examples, loop["cache_dir"], loop["data_fingerprint"])
+    else:
+        train_dataset = datasets.Dataset.from_list(examples)
     bf16, fp16 = _precision(config)
     common = dict(
         output_dir=_shared_scratch(loop["run_name"]),
@@ -239,6 +251,30 @@ def train_loop(loop: dict[str, Any]) -> None:
         {"step": trainer.state.global_step, "final": True},
         final if ray.train.get_context().get_world_rank() == 0 else None,
     )
+    # Reporting is a barrier: every rank is done with the local checkpoints once it returns.
+    shutil.rmtree(Path(args.output_dir).parent, ignore_errors=True)
+
+
+def _file_backed(examples: list[dict[str, Any]], cache_dir: str, data_fingerprint: str) -> Any:
+    """The examples as an Arrow file under OUTPUT/cache/<data fingerprint>/: TRL caches the reference
+    log-probs next to a dataset's file, keyed by (the dataset's fingerprint, a hash of the reference
+    weights), so a resumed or repeated run computes them once. Written by one rank per node."""
+    import datasets
+    import ray.train
+    import torch.distributed as dist
+
+    directory = Path(cache_dir) / data_fingerprint
+    path = directory / "examples.arrow"
+    if ray.train.get_context().get_local_rank() == 0 and not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        staged = datasets.Dataset.from_list(examples)
+        staged.save_to_disk(str(directory / "staging"))
+        arrow = next((directory / "staging").glob("*.arrow"))
+        os.replace(arrow, path)
+        shutil.rmtree(directory / "staging", ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return datasets.Dataset.from_file(str(path))
 
 
 class _nothing:
