@@ -30,7 +30,7 @@ from typing import Any
 from deita_ray import io
 from deita_ray.runtime.lock import output_lock
 from deita_ray.runtime.markers import changed_fields, claim_output
-from deita_ray.runtime.ray_cluster import check_fits, connect_ray, joined_cluster
+from deita_ray.runtime.ray_cluster import check_fits, connect_ray, fit_problem, joined_cluster
 from deita_ray.training.config import DPOConfig, SFTConfig, TrainConfig
 from deita_ray.training.summary import TrainSummary
 
@@ -60,6 +60,13 @@ def worker_demand(config: TrainConfig) -> list[dict[str, float]]:
         **config.resources_per_worker,
     }
     return [one] * config.num_workers
+
+
+def local_machine() -> dict[str, float]:
+    """What a local Ray started here offers by default."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
 def storage_of(config: TrainConfig) -> str:
@@ -112,6 +119,13 @@ def run_train(config: TrainConfig) -> TrainSummary:
             config.output, fingerprint, config.overwrite
         ):
             return TrainSummary.model_validate(io.read_json(f"{config.output}/summary.json"))
+        joined = joined_cluster(config.ray_address)
+        if not joined:  # the local Ray this process would start: refuse before starting it
+            problem = fit_problem(f"train {kind}", worker_demand(config), [local_machine()])
+            if problem:
+                raise ValueError(
+                    f"{problem}; lower num_workers / cpus_per_worker or join a cluster (--ray-address)"
+                )
         tokenizer, template = check_config(config)
         prepared = _prepare(config, kind, template)
         if not prepared.examples:
@@ -122,7 +136,6 @@ def run_train(config: TrainConfig) -> TrainSummary:
         claim_output(config.output, fingerprint, config.model_dump(mode="json"), config.overwrite, OWNED)
         rejects_path = prepared.write_rejects(config.output)
 
-        joined = joined_cluster(config.ray_address)
         connect_ray(config.ray_address)
         check_fits(f"train {kind}", worker_demand(config), joined)
 
