@@ -385,3 +385,47 @@ def test_more_workers_than_the_local_ray_has_is_refused(
     err = capsys.readouterr().err
     assert "train sft" in err and "more than the Ray cluster has" in err and "num_workers" in err
     assert not ray.is_initialized() and not (output / "model").exists()
+
+
+def test_preference_pair_shapes_normalise_alike(tiny_llama: Path) -> None:
+    """{prompt, chosen, rejected} (text or messages), UltraFeedback-binarized and conversations+chosen+
+    rejected give the same pair, and its tokens are the SFT rendering of the same conversation."""
+    from transformers import AutoTokenizer
+
+    from deita_ray.ingest.records import Reject
+    from deita_ray.training.chat import ChatTemplate
+    from deita_ray.training.data import normalize_pair
+
+    question, good, bad = "What is 2+2?", "It is 4.", "Five."
+    shapes = [
+        {"prompt": question, "chosen": good, "rejected": bad},
+        {
+            "prompt": [{"role": "user", "content": question}],
+            "chosen": [{"role": "assistant", "content": good}],
+            "rejected": [{"role": "assistant", "content": bad}],
+        },
+        {
+            "prompt": question,
+            "chosen": [{"role": "user", "content": question}, {"role": "assistant", "content": good}],
+            "rejected": [{"role": "user", "content": question}, {"role": "assistant", "content": bad}],
+        },
+        {
+            "conversations": [{"from": "human", "value": question}],
+            "chosen": {"from": "gpt", "value": good},
+            "rejected": {"from": "gpt", "value": bad},
+        },
+    ]
+    pairs = [normalize_pair(shape) for shape in shapes]
+    assert all(pair == ([{"role": "user", "content": question}], good, bad) for pair in pairs), pairs
+    assert isinstance(normalize_pair({"chosen": good}), Reject)
+    assert isinstance(
+        normalize_pair({"prompt": [{"role": "assistant", "content": "x"}], "chosen": good, "rejected": bad}),
+        Reject,
+    )
+
+    chat = ChatTemplate("vicuna_v1.1", AutoTokenizer.from_pretrained(tiny_llama))
+    prompt_ids, chosen_ids, rejected_ids = chat.tokenize_pair(*pairs[0])
+    whole = chat.tokenize_conversation([*pairs[0][0], {"role": "assistant", "content": good}])
+    assert prompt_ids + chosen_ids == whole.input_ids
+    assert [t for t, label in zip(whole.input_ids, whole.labels, strict=True) if label != -100] == chosen_ids
+    assert rejected_ids[-1] == chat.tokenizer.eos_token_id
