@@ -119,7 +119,13 @@ def test_table_rows_when_sections_fail_or_peak_is_unknown():
     assert rows["1a"]["result"] == rows["2a"]["result"] == "timed out after 110 s (its cap)"
     assert rows["2b"]["result"].startswith("n/a: GPU peak unknown")
     assert rows["3"]["met"] is None
-    assert "bare vLLM figure missing" in rows["4"]["result"] and rows["4"]["met"] is None
+    assert "bare vLLM figure missing (1a did not finish)" in rows["4"]["result"] and rows["4"]["met"] is None
+    # --pipeline-model 7b: row 4 compares with row 3 (on row 3's prompts).
+    pipeline = outcomes["pipeline"].numbers
+    pipeline.update(model_key="llama7b", warm_tokens_per_s=34_000.0, prompt_tokens=330_000)
+    rows = {row["id"]: row for row in check.build_table(outcomes, peak=None)}
+    assert "= 0.85× bare vLLM (3: 40,000 tok/s); same prompt tokens" in rows["4"]["result"]
+    assert rows["4"]["met"] is False
     assert rows["7"]["result"].startswith("80,000 tok/s, MFU n/a")
 
 
@@ -150,7 +156,41 @@ def test_step_lines_are_time_stamped_as_they_appear(tmp_path):
         "        f.write(json.dumps({'step': step, 'tokens': 10}) + '\\n'); f.flush(); time.sleep(0.3)\n"
         "    f.write('not json\\n')\n"
     )
-    returncode, seconds, stamped = check.run_stamping_lines([sys.executable, "-c", writer, str(path)], path)
-    assert returncode == 0 and seconds >= 0.9
+    seconds, stamped = check.run_stamping_lines([sys.executable, "-c", writer, str(path)], path)
+    assert seconds >= 0.9
     assert [line["step"] for _, line in stamped] == [1, 2, 3]
     assert stamped[2][0] - stamped[0][0] >= 0.4  # stamped on arrival, not all at the end
+
+
+def test_a_failed_command_is_named_by_its_error_line(tmp_path):
+    failing = (
+        "import sys\n"
+        "print('loading...')\n"
+        "print('deita-ray train: error: no such model: M', file=sys.stderr)\n"
+        "print('done')\n"
+        "sys.exit(1)\n"
+    )
+    with pytest.raises(RuntimeError, match="exited with 1: deita-ray train: error: no such model: M"):
+        check.run_stamping_lines([sys.executable, "-c", failing], tmp_path / "metrics.jsonl")
+
+
+def test_a_section_stopped_at_its_cap_stops_the_commands_it_started():
+    """The driver stops a section with SIGTERM to its process group; a command the section started
+    (deita-ray score, whose Ray driver leads a group of its own) must go too, and promptly."""
+    section = (
+        "import importlib.util, signal, sys\n"
+        f"spec = importlib.util.spec_from_file_location('gpu_check', {str(CHECK)!r})\n"
+        "check = importlib.util.module_from_spec(spec); sys.modules['gpu_check'] = check\n"
+        "spec.loader.exec_module(check)\n"
+        "signal.signal(signal.SIGTERM, check.stop_commands)\n"
+        "command = check.start_command(['sleep', '300'])\n"
+        "print(command.pid, flush=True)\n"
+        "command.wait()\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", section], stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    sleeper = int(process.stdout.readline())
+    check.stop_process_group(process, grace_s=8)
+    assert process.returncode == 143  # exited from its handler, not killed
+    with pytest.raises(ProcessLookupError):
+        os.kill(sleeper, 0)

@@ -47,8 +47,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -58,7 +60,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "gpu" / "results"
 # The whole check stays under 8 minutes: the sections share this budget (start-ups included).
-DEFAULT_BUDGET_S = 450.0
+DEFAULT_BUDGET_S = 440.0
 # A section is not started with less than this left: it could not even load its model.
 MIN_SECTION_S = 20.0
 # --smoke runs on a CPU, where the same steps take several times longer: caps and budget stretch.
@@ -81,8 +83,8 @@ ROWS = (
     Row("2b", "1b as a fraction of the prefill FLOP bound", "scorer_off"),
     Row("3", "7B-shaped scorer (Llama-2-7B config, dummy weights), prefix caching on", "scorer_7b",
         "> 50% of bound (H200)"),
-    Row("4", "Ray pipeline (deita-ray score, vLLM, 1 actor × 1 GPU), warm ÷ bare vLLM (1a)", "pipeline",
-        "≥ 0.9×"),
+    Row("4", "Ray pipeline (deita-ray score, vLLM, 1 actor × 1 GPU), warm ÷ bare vLLM on the same prompts "
+        "(1a; 3 with --pipeline-model 7b)", "pipeline", "≥ 0.9×"),
     Row("5a", "embedding: sentence-transformers all-MiniLM-L6-v2", "embed"),
     Row("5b", "embedding: causal-LM embedder (SmolLM2 last-token hidden state)", "embed"),
     Row("6", "selection index: torch on the GPU vs numpy on the CPU (exact greedy)", "index"),
@@ -184,17 +186,12 @@ def one_line_error(exc: BaseException) -> str:
     return text[:300]
 
 
-def read_conversations(path: str, limit: int | None = None) -> list[list[dict[str, str]]]:
+def read_conversations(path: str) -> list[list[dict[str, str]]]:
     """Canonical conversations of a samples file (messages JSONL), read as the pipeline reads them."""
     from deita_ray.ingest.records import normalize_row
 
-    conversations = []
     with open(path) as handle:
-        for line in handle:
-            if limit is not None and len(conversations) >= limit:
-                break
-            conversations.append(normalize_row(json.loads(line), "messages")["conversations"])
-    return conversations
+        return [normalize_row(json.loads(line), "messages")["conversations"] for line in handle]
 
 
 def scoring_prompts(scorer: Any, model: str, conversations: list) -> tuple[list[list[int]], int]:
@@ -277,7 +274,7 @@ def score_config(ctx: dict[str, Any], model: str, prefix_caching: bool, dummy_we
 
 
 def measure_scorer(ctx: dict[str, Any], rec: Recorder, *, model_key: str, prefix_caching: bool,
-                   samples: int, in_process: bool) -> None:
+                   rows_key: str, in_process: bool) -> None:
     """Rows 1a/1b/3: bare vLLM prompt tokens/s through the project's VLLMBackend (one `generate` over
     pre-tokenized prompts, as the backend issues it), and optionally the whole in-process Scorer."""
     from deita_ray.scoring.scorer import Scorer
@@ -294,7 +291,7 @@ def measure_scorer(ctx: dict[str, Any], rec: Recorder, *, model_key: str, prefix
     try:
         backend = scorer._backends[model]
         warmup, _ = scoring_prompts(scorer, model, read_conversations(ctx["warmup_file"]))
-        conversations = read_conversations(ctx["rows_file"], samples)
+        conversations = read_conversations(ctx[rows_key])
         prompts, too_long = scoring_prompts(scorer, model, conversations)
         backend.digit_values(warmup)  # warm-up on other samples (their prefixes are not reused)
         reset_prefix_cache(backend)
@@ -340,7 +337,10 @@ def section_prepare(ctx: dict[str, Any], rec: Recorder) -> None:
     # Warm-up samples continue the numbering: other copies, so their prompts share only the template.
     write_samples(warmup_file, [repeated_sample(base, i) for i in range(measured, measured + warmup)])
     write_samples(sft_file, base)
-    rec.set(rows_file=str(rows_file), warmup_file=str(warmup_file), sft_file=str(sft_file),
+    rows_7b_file = workdir / "rows-7b.jsonl"  # the first samples of rows.jsonl: row 3 scores these
+    write_samples(rows_7b_file, [repeated_sample(base, i) for i in range(ctx["samples_7b"])])
+    rec.set(rows_file=str(rows_file), rows_7b_file=str(rows_7b_file), warmup_file=str(warmup_file),
+            sft_file=str(sft_file),
             distinct_samples=len(base), samples=measured, warmup_samples=warmup)
     llama7b = write_llama_shaped(workdir / "llama-7b-shaped", smollm2, SMOKE_SHAPE if ctx["smoke"] else
                                  LLAMA2_7B_SHAPE)
@@ -409,31 +409,38 @@ def write_llama_shaped(directory: Path, tokenizer_dir: Path, shape: dict[str, in
 
 
 def section_scorer_on(ctx: dict[str, Any], rec: Recorder) -> None:
-    measure_scorer(ctx, rec, model_key="smollm2", prefix_caching=True, samples=ctx["samples"],
-                   in_process=True)
+    measure_scorer(ctx, rec, model_key="smollm2", prefix_caching=True, rows_key="rows_file", in_process=True)
 
 
 def section_scorer_off(ctx: dict[str, Any], rec: Recorder) -> None:
-    measure_scorer(ctx, rec, model_key="smollm2", prefix_caching=False, samples=ctx["samples"],
+    measure_scorer(ctx, rec, model_key="smollm2", prefix_caching=False, rows_key="rows_file",
                    in_process=False)
 
 
 def section_scorer_7b(ctx: dict[str, Any], rec: Recorder) -> None:
-    measure_scorer(ctx, rec, model_key="llama7b", prefix_caching=True, samples=ctx["samples_7b"],
+    measure_scorer(ctx, rec, model_key="llama7b", prefix_caching=True, rows_key="rows_7b_file",
                    in_process=False)
 
 
 def section_pipeline(ctx: dict[str, Any], rec: Recorder) -> None:
     """Row 4: `deita-ray score` as a user runs it (the CLI, a config file, a local Ray it starts) on the
-    samples of 1a, with the engine settings of 1a.
+    samples of 1a with the engine settings of 1a (with --pipeline-model 7b: those of row 3).
 
     Warm throughput (as benchmarks/embed_throughput.py measures it): the units after the first one to
     finish (whose time holds Ray, actor and engine start-up), over the time from the actor's finish of
     that first unit (`scored_at`, a wall-clock stamp in its marker) to the last unit's marker (written
     right after its shards): per-unit costs (Ray Data scheduling, read and write tasks) are included."""
     out = Path(ctx["workdir"]) / "pipeline-out"
-    config = score_config(ctx, ctx["smollm2"], prefix_caching=True).model_dump(mode="json")
+    model_key = ctx["pipeline_model"]
+    rows_file, samples = (ctx["rows_7b_file"], ctx["samples_7b"]) if model_key == "llama7b" else (
+        ctx["rows_file"], ctx["samples"])
+    config = score_config(ctx, ctx[model_key], prefix_caching=True, dummy_weights=model_key == "llama7b")
+    config = config.model_dump(mode="json")
+    rec.set(model_key=model_key)
     config.update(
+        input=[rows_file],
+        # Units enough for a warm window (the first unit holds the start-up): 8 by default.
+        rows_per_shard=ctx["rows_per_shard"] or max(1, -(-samples // 8)),
         output=str(out),
         resources={
             "actor_num_gpus": 0 if ctx["smoke"] else 1,
@@ -449,10 +456,12 @@ def section_pipeline(ctx: dict[str, Any], rec: Recorder) -> None:
     command = [sys.executable, "-m", "deita_ray.cli", "score", "--config", str(config_path)]
     print("$", " ".join(command), flush=True)
     started = time.perf_counter()
-    done = subprocess.run(command, stdout=sys.stdout, stderr=sys.stderr)
+    process = start_command(command)
+    output = OutputTail(process)
+    returncode = process.wait()
     rec.set(command_seconds=time.perf_counter() - started)
-    if done.returncode != 0:
-        raise RuntimeError(f"deita-ray score exited with {done.returncode} (see the log)")
+    if returncode != 0:
+        raise RuntimeError(f"deita-ray score exited with {returncode}: {output.error_line()}")
     summary = json.loads((out / "summary.json").read_text())
     marker_files = sorted((out / "_done").glob("*.json"))
     markers = [(path.stat().st_mtime, json.loads(path.read_text())) for path in marker_files]
@@ -556,6 +565,82 @@ def section_index(ctx: dict[str, Any], rec: Recorder) -> None:
     )
 
 
+# Commands this section started (deita-ray score / train), each in a process group of its own.
+_commands: list[subprocess.Popen] = []
+
+
+def start_command(command: list[str]) -> subprocess.Popen:
+    """Start a project command, output piped (see OutputTail), in a new session: its Ray driver makes
+    itself a process-group leader anyway (Ray's reaper then stops the Ray processes with it), so the
+    section's group never reaches it; `stop_commands` does, when the section is stopped at its cap."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    _commands.append(process)
+    return process
+
+
+def stop_commands(signum: int, _frame: Any) -> None:
+    """SIGTERM handler of a section process: stop its commands' process groups, then exit.
+
+    It runs in the main thread, which may be inside `Popen.wait` on one of them: waiting here through
+    the same Popen would block on its lock, so the groups are watched with os calls instead."""
+    live = [process.pid for process in _commands if process.poll() is None]
+    for group in live:
+        signal_group(group, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while live and time.monotonic() < deadline:
+        time.sleep(0.2)
+        live = [group for group in live if not group_gone(group)]
+    for group in live:
+        signal_group(group, signal.SIGKILL)
+    sys.exit(128 + signum)
+
+
+def signal_group(group: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass
+
+
+def group_gone(group: int) -> bool:
+    """Whether no process of the group is left (its leader, our child, is reaped on the way)."""
+    try:
+        os.waitpid(group, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+class OutputTail:
+    """Copies a child process's output (a pipe) into this process's, which is the section's log, and keeps
+    its last lines, so that the table can name why the child failed."""
+
+    # A line that says what went wrong: the CLI's "deita-ray ...: error: ..." or a Python exception.
+    ERROR_LINE = re.compile(r"(: error: |^\w*(Error|Exception)\b|^\w+(\.\w+)*(Error|Exception): )")
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: deque[str] = deque(maxlen=200)
+        self.thread = threading.Thread(target=self._copy, args=(process.stdout,), daemon=True)
+        self.thread.start()
+
+    def _copy(self, stream: Any) -> None:
+        for line in stream:
+            sys.stdout.write(line)
+            self.lines.append(line.rstrip())
+        sys.stdout.flush()
+
+    def error_line(self) -> str:
+        self.thread.join(timeout=10)
+        errors = [line.strip() for line in self.lines if self.ERROR_LINE.search(line.strip())]
+        lines = errors or [line.strip() for line in self.lines if line.strip()] or ["no output"]
+        return lines[-1][:300]
+
+
 def train_command_available() -> bool:
     help_run = subprocess.run(
         [sys.executable, "-m", "deita_ray.cli", "train", "sft", "--help"], capture_output=True, text=True
@@ -586,10 +671,8 @@ def section_sft(ctx: dict[str, Any], rec: Recorder) -> None:
     rec.set(available=True, steps=steps, batch_size=batch, max_length=max_length,
             params_total=count_params(ctx["smollm2"])["total"])
     print("$", " ".join(command), flush=True)
-    returncode, command_seconds, stamped = run_stamping_lines(command, out / "metrics.jsonl")
+    command_seconds, stamped = run_stamping_lines(command, out / "metrics.jsonl")
     rec.set(command_seconds=command_seconds)
-    if returncode != 0:
-        raise RuntimeError(f"deita-ray train sft exited with {returncode} (see the log)")
     tokens_per_step = estimated_sft_tokens_per_sample(ctx) * batch
     rec.set(**sft_throughput(stamped, tokens_per_step, steps, command_seconds))
     summary_path = out / "summary.json"
@@ -599,11 +682,12 @@ def section_sft(ctx: dict[str, Any], rec: Recorder) -> None:
             rec.set(reported_tokens_per_s=own)
 
 
-def run_stamping_lines(command: list[str], path: Path) -> tuple[int, float, list[tuple[float, dict]]]:
-    """Run `command` (output to this process's) and time-stamp each JSON line as it appears in the file
-    at `path`: (return code, seconds, [(perf_counter at arrival, line)])."""
+def run_stamping_lines(command: list[str], path: Path) -> tuple[float, list[tuple[float, dict]]]:
+    """Run `command` (its output into this process's) and time-stamp each JSON line as it appears in the
+    file at `path`: (seconds, [(perf_counter at arrival, line)]). A failed command raises with its error."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=sys.stdout, stderr=sys.stderr)
+    process = start_command(command)
+    output = OutputTail(process)
     stamped: list[tuple[float, dict[str, Any]]] = []
     offset, partial = 0, ""
     while True:
@@ -622,7 +706,10 @@ def run_stamping_lines(command: list[str], path: Path) -> tuple[int, float, list
                 except ValueError:
                     continue  # blank or not JSON: not a step
         if finished:
-            return process.returncode, time.perf_counter() - started, stamped
+            seconds = time.perf_counter() - started
+            if process.returncode != 0:
+                raise RuntimeError(f"exited with {process.returncode}: {output.error_line()}")
+            return seconds, stamped
         time.sleep(0.05)
 
 
@@ -696,6 +783,7 @@ SECTION_FUNCTIONS: dict[str, Callable[[dict[str, Any], Recorder], None]] = {
 
 def run_section_here(name: str, context_path: str, result_path: str) -> int:
     """The child side: run one section, its numbers to `result_path`; an error is recorded there too."""
+    signal.signal(signal.SIGTERM, stop_commands)
     ctx = json.loads(Path(context_path).read_text())
     rec = Recorder(result_path)
     try:
@@ -765,13 +853,15 @@ def cell(
     if row.id == "4":
         if "warm_tokens_per_s" not in n:
             return None, None
-        bare = everything.get("scorer_on", {})
+        on_7b = n.get("model_key") == "llama7b"
+        bare_row, bare_section = ("3", "scorer_7b") if on_7b else ("1a", "scorer_on")
+        bare = everything.get(bare_section, {})
         text = f"warm {rate(n['warm_tokens_per_s'])} tok/s over {n['units'] - 1} units"
         met = None
         if "tokens_per_s" in bare:
             ratio = n["warm_tokens_per_s"] / bare["tokens_per_s"]
             met = ratio >= 0.9
-            text += f" = {ratio:.2f}× bare vLLM ({rate(bare['tokens_per_s'])} tok/s)"
+            text += f" = {ratio:.2f}× bare vLLM ({bare_row}: {rate(bare['tokens_per_s'])} tok/s)"
             if "in_process_tokens_per_s" in bare:
                 in_process = n["warm_tokens_per_s"] / bare["in_process_tokens_per_s"]
                 text += f", {in_process:.2f}× the in-process Scorer"
@@ -779,7 +869,7 @@ def cell(
             text += "; same prompt tokens" if same else (
                 f"; prompt tokens differ ({n['prompt_tokens']:,} vs {bare.get('prompt_tokens', 0):,})")
         else:
-            text += "; bare vLLM figure missing (1a did not finish)"
+            text += f"; bare vLLM figure missing ({bare_row} did not finish)"
         if n.get("cold_tokens_per_s"):
             text += f"; cold {rate(n['cold_tokens_per_s'])} tok/s (whole run, {n['command_seconds']:.0f} s)"
         return text, met
@@ -945,9 +1035,10 @@ def run_section_process(name: str, timeout_s: float, paths: dict[str, Path], env
     return SectionOutcome(status, seconds, message, numbers)
 
 
-def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the section's process group (vLLM engine cores, Ray) then, if still alive, SIGKILL."""
-    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+def stop_process_group(process: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM to a process group (a section: its vLLM engine cores; it stops the commands it started
+    itself) then, if still alive after `grace_s`, SIGKILL."""
+    for sig, grace in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
@@ -978,6 +1069,7 @@ def section_context(args: argparse.Namespace, workdir: Path, on_gpu: bool) -> di
         "samples_7b": args.samples_7b,
         "warmup_samples": args.warmup_samples,
         "rows_per_shard": args.rows_per_shard,
+        "pipeline_model": "llama7b" if args.pipeline_model == "7b" else "smollm2",
         "embed_batch_size": args.embed_batch_size,
         "index_n": args.index_n,
         "index_dim": args.index_dim,
@@ -1042,7 +1134,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples-7b", type=int, default=1500,
                         help="Samples scored by the 7B-shaped scorer.")
     parser.add_argument("--warmup-samples", type=int, default=300, help="Other samples for the warm-ups.")
-    parser.add_argument("--rows-per-shard", type=int, default=500, help="Pipeline unit size (row 4).")
+    parser.add_argument("--rows-per-shard", type=int, default=None,
+                        help="Pipeline unit size (row 4; default: its samples in 8 units).")
+    parser.add_argument("--pipeline-model", choices=("smollm2", "7b"), default="smollm2",
+                        help="Row 4's scorer: SmolLM2 on the samples of 1a (default), or the 7B-shaped "
+                        "one on those of row 3 (where the model, not the pipeline, dominates).")
     parser.add_argument("--embed-batch-size", type=int, default=128)
     parser.add_argument("--index-n", type=int, default=200_000)
     parser.add_argument("--index-dim", type=int, default=384)
@@ -1073,9 +1169,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 raise ValueError("not an object")
         except ValueError as exc:
             parser.error(f"--engine-kwargs must be a JSON object: {exc}")
-        if args.samples < 2 * args.rows_per_shard:
-            parser.error("--samples must be at least 2 × --rows-per-shard (the pipeline's warm figure needs "
-                         "two units)")
+        pipeline_samples = args.samples_7b if args.pipeline_model == "7b" else args.samples
+        if args.rows_per_shard is not None and pipeline_samples < 2 * args.rows_per_shard:
+            parser.error("row 4 needs two units at least (its warm figure leaves the first out): lower "
+                         "--rows-per-shard")
+        if args.samples_7b > args.samples:
+            parser.error("--samples-7b cannot exceed --samples (row 3 scores the first of those samples)")
     return args
 
 
