@@ -35,7 +35,7 @@ BATCH_SIZE = 4
 BACKEND = {"type": "transformers", "torch_threads": 1}
 DEITA_RAY = Path(sys.executable).with_name("deita-ray")
 # Marker fields that describe how a unit was run rather than what it contains.
-RUN_FIELDS = ("score_seconds", "scorer_pid", "scorer_node")
+RUN_FIELDS = ("score_seconds", "scored_at", "scorer_pid", "scorer_node")
 SUMMARY_FIELDS = ("input_rows", "scored", "rejected", "rejected_by_reason", "blank", "truncated",
                   "prompt_tokens", "units")
 
