@@ -25,6 +25,7 @@ class MetricsSink:
         self.first_step = 0
         self.started = time.perf_counter()
         self.last = self.started
+        self.starts: list[int] = []  # the step each attempt began at (a restart or re-run resumes)
 
     @staticmethod
     def pinned_here() -> dict[str, Any]:
@@ -37,6 +38,7 @@ class MetricsSink:
     def begin(self, step: int, total: int) -> None:
         """Training starts (or resumes) at `step` of `total`: records of later steps are dropped."""
         self.total, self.first_step = total, step
+        self.starts.append(step)
         kept = [r for r in read_metrics(self.path) if r["step"] <= step]
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with open(f"{self.path}.tmp", "w", encoding="utf-8") as handle:
@@ -45,6 +47,9 @@ class MetricsSink:
         self.started = self.last = time.perf_counter()
         if step:
             print(f"[train {self.kind}] resumed at step {step}/{total}", flush=True)
+
+    def attempts(self) -> list[int]:
+        return self.starts
 
     def append(self, record: dict[str, Any]) -> None:
         now = time.perf_counter()

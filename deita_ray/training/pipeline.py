@@ -145,8 +145,8 @@ def run_train(config: TrainConfig) -> TrainSummary:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.save_pretrained(tokenizer_dir)
-        result = _fit(config, kind, prepared, tokenizer_dir)
-        summary = _finish(config, kind, prepared, result, tokenizer_dir, rejects_path, started)
+        result, starts = _fit(config, kind, prepared, tokenizer_dir)
+        summary = _finish(config, kind, prepared, result, starts, tokenizer_dir, rejects_path, started)
         return summary
 
 
@@ -197,7 +197,8 @@ def _fit(config: TrainConfig, kind: str, prepared: Any, tokenizer_dir: str) -> A
         ),
     )
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        return result, ray.get(sink.attempts.remote())
     finally:
         ray.kill(sink)
 
@@ -207,6 +208,7 @@ def _finish(
     kind: str,
     prepared: Any,
     result: Any,
+    starts: list[int],
     tokenizer_dir: str,
     rejects_path: str,
     started: float,
@@ -243,6 +245,7 @@ def _finish(
             "stages": _upstream_stages(prepared.files),
         },
         steps=metrics[-1]["step"] if metrics else 0,
+        starts=starts,
         final_loss=metrics[-1]["loss"] if metrics else None,
         tokens=tokens,
         tokens_per_s=tokens / train_seconds if train_seconds else None,

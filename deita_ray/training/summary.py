@@ -18,6 +18,9 @@ class TrainSummary(StageSummary):
     data: dict[str, Any]  # rows, examples, rejected (by reason), truncated, tokens
     lineage: dict[str, Any]  # the data files' fingerprints; inside a run also the selection's chain key
     steps: int
+    # The step each training attempt of this process began at: [0] for a fresh run; a worker-group
+    # restart adds the checkpoint's step ([0, 200]); a re-run after the driver died starts there ([200]).
+    starts: list[int]
     final_loss: float | None
     tokens: int
     tokens_per_s: float | None
