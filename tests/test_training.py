@@ -12,6 +12,7 @@ Exactness is checked against runs of the same recipe, not against expectations o
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -92,6 +93,25 @@ def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=1e-4, msg=name)
+
+
+def wait_for_registered_checkpoint(output: Path, step: int, finished, timeout: float = 600) -> None:
+    """Block until Ray Train's checkpoint registry (its snapshot in the run's storage) holds the
+    checkpoint of `step`; bounded by `timeout` for a stuck run only."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for snapshot in (output / "checkpoints").glob("*/checkpoint_manager_snapshot.json"):
+            try:
+                results = json.loads(snapshot.read_text())["checkpoint_results"]
+            except (OSError, ValueError):
+                continue  # being rewritten
+            if any(r["metrics"].get("step") == step for r in results):
+                return
+        if finished():
+            pytest.fail("the run ended before its checkpoint was registered")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no checkpoint of step {step} registered within {timeout}s")
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +246,9 @@ def test_killed_run_resumes_to_the_same_weights(
     run = CliRun(args, command="train", env_extra=pause_env("train", 3, tmp_path / "pause"))
     try:
         paused = wait_for_pause(tmp_path / "pause", lambda: run.proc.poll() is not None)
+        # Ray Train's controller registers a reported checkpoint when it next polls the workers; only a
+        # registered one is resumed from. Wait for step 2's (the fault then lands after it, known).
+        wait_for_registered_checkpoint(output, 2, lambda: run.proc.poll() is not None)
         assert [r["step"] for r in metrics(output)] == [1, 2, 3]  # the fault lands mid-run
         assert not (output / "summary.json").exists()
         if victim == "driver":

@@ -44,6 +44,12 @@ class LoraConfig(StrictConfig):
 class TrainConfig(StageConfig):
     """What SFT and DPO share: data, model, the optimisation, Ray Train's scaling and checkpoints."""
 
+    output: str = Field(
+        ...,
+        description="Output directory: a local path or a shared mount (the driver writes the model and "
+        "metrics there; checkpoints go to storage_path, which may be a URI).",
+    )
+
     data: Paths = result_field(
         ...,
         min_length=1,
