@@ -241,3 +241,5 @@ def test_plan_units_rejects_the_rule_s_duplicates(tmp_path: Path, monkeypatch: p
         assert {f: d for f, d in found.items() if d} == expected
         plan_dir = Path(config.output) / PLAN_DIR
         assert (plan_dir / "plan.json").exists() and not (plan_dir / "ids").exists()
+        # A resumed run reads the same units, duplicates included, back from plan.json.
+        assert [u.to_dict() for u in plan_units(config)] == [u.to_dict() for u in units]
