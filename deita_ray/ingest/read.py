@@ -6,6 +6,7 @@ same units; the id hashes of the duplicate check pass through OUTPUT/_plan/ids a
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -159,29 +160,25 @@ def plan_units(config: RawInputConfig, files: list[str] | None = None) -> list[U
     task = ray.remote(plan_file).options(**task_options)
     staging = f"{config.output}/{PLAN_DIR}/staged"
     ids_dir = f"{config.output}/{PLAN_DIR}/ids"
-    refs = [
+    pending = deque(
         task.remote(i, path, staging, config.rows_per_shard, config.input_format, config.id_field, ids_dir)
         for i, path in enumerate(files)
-    ]
-    # Each file's plan is turned into Units as it arrives and then dropped: the driver never holds every
-    # file's unit dicts at once (the Units are ~5x smaller).
-    units_of: dict[int, list[Unit]] = {}
+    )
+    # File by file, each plan becomes Units and is dropped (its reference too, which frees the object):
+    # the driver never holds every file's unit dicts at once (Units are ~5x smaller than the dicts).
+    units: list[Unit] = []
     id_files = []
-    while refs:
-        [done], refs = ray.wait(refs, num_returns=1)
+    while pending:
         try:
-            plan = ray.get(done)  # units and counts: the id hashes stay in the id files
+            plan = ray.get(pending.popleft())  # units and counts: the id hashes stay in the id files
         except ray.exceptions.RayTaskError as exc:
             # An unreadable file: its own one-line message (naming it), not the task's traceback.
             if isinstance(exc.cause, io.UnreadableFileError):
                 raise io.UnreadableFileError(str(exc.cause)) from None
             raise
-        units_of[plan["file_index"]] = [Unit.from_dict(u) for u in plan["units"]]
+        units += [Unit.from_dict(u) for u in plan["units"]]
         if plan["id_file"]:
             id_files.append(IdFile(**plan["id_file"]))
-        del plan, done
-    units = [unit for file_index in sorted(units_of) for unit in units_of[file_index]]
-    del units_of
     attach_duplicates(units, find_duplicates(id_files, files, task_options))
     io.remove_tree(ids_dir)  # before plan.json: a finished plan leaves no id files behind
     io.atomic_write_chunks(plan_path, plan_json(files, units))
