@@ -52,14 +52,21 @@ class RawInputConfig(Protocol):
 def reject_row(
     unit: Unit, row: int, raw: str, reason: RejectReason, message: str, sample_id: str | None = None
 ) -> dict[str, Any]:
+    """One rejected input row of a unit, in the rejects shard schema."""
+    return reject_record(unit.source_file, row, raw, reason.value, message, sample_id)
+
+
+def reject_record(
+    source_file: str, row: int, raw: str, reason: str, message: str, sample_id: str | None = None
+) -> dict[str, Any]:
     """One rejected input row, in the rejects shard schema (lone surrogates written as escapes: the
-    shard is UTF-8)."""
+    shard is UTF-8). `reason` is a RejectReason value or a stage's own (e.g. training's)."""
     return {
         "id": None if sample_id is None else escape_surrogates(sample_id),
-        "reason": reason.value,
+        "reason": reason,
         "message": escape_surrogates(message),
         "raw": escape_surrogates(raw),
-        "source_file": unit.source_file,
+        "source_file": source_file,
         "source_row": row,
     }
 

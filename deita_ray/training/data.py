@@ -23,14 +23,13 @@ import pyarrow as pa
 
 from deita_ray import io
 from deita_ray.ingest.plan import iter_source_rows
-from deita_ray.ingest.read import REJECT_SCHEMA
+from deita_ray.ingest.read import REJECT_SCHEMA, reject_record
 from deita_ray.ingest.records import (
     ROLE_ALIASES,
     Reject,
     RejectReason,
     check_roles,
     check_value,
-    escape_surrogates,
     normalize_row,
 )
 from deita_ray.training.chat import ChatTemplate, TemplateError
@@ -119,14 +118,9 @@ def file_fingerprints(patterns: list[str]) -> list[dict[str, Any]]:
 
 
 def _reject(path: str, row: int, raw: str, reason: str, message: str, sample_id: str | None = None) -> dict:
-    return {
-        "id": None if sample_id is None else escape_surrogates(str(sample_id)),
-        "reason": reason,
-        "message": escape_surrogates(message),
-        "raw": escape_surrogates(raw[:100_000]),
-        "source_file": path,
-        "source_row": row,
-    }
+    return reject_record(
+        path, row, raw[:100_000], reason, message, None if sample_id is None else str(sample_id)
+    )
 
 
 def _fit(
