@@ -89,14 +89,22 @@ def test_pipeline_local_cpu_takes_its_models_from_the_environment(tmp_path, monk
         RunConfig.model_validate(load_yaml(path))
     monkeypatch.setenv("DEITA_SCORER_MODEL", str(tmp_path))
     config = RunConfig.model_validate(load_yaml(path))
-    score, embed, _ = config.stage_configs().values()
-    assert score.complexity_model == score.quality_model == embed.model == str(tmp_path)
+    stages = config.stage_configs()
+    score, embed, sft = stages["score"], stages["embed"], stages["sft"]
+    assert score.complexity_model == score.quality_model == embed.model == sft.model == str(tmp_path)
+    assert sft.data == [f"{config.output}/select/selected.jsonl"]
     assert config.input == ["deita_ray/data/demo_pool"] and config.ray_address is None
 
 
 def test_pipeline_gpu_is_the_papers_setup():
     config = RunConfig.model_validate(load_yaml(JOBS / "pipeline_gpu.yaml"))
-    score, embed, select = config.stage_configs().values()
+    stages = config.stage_configs()
+    score, embed, select = stages["score"], stages["embed"], stages["select"]
+    # Then Deita's SFT on the selection and DPO from the SFT model (ZeRO-3 on the trainer nodes).
+    sft, dpo = stages["sft"], stages["dpo"]
+    assert sft.data == [f"{config.output}/select/selected.jsonl"]
+    assert dpo.model == f"{config.output}/sft/model"
+    assert sft.strategy == dpo.strategy == "zero3" and sft.resources_per_worker == {"deita_trainer": 1}
     assert (score.complexity_model, score.quality_model) == ("hkust-nlp/deita-complexity-scorer",
                                                              "hkust-nlp/deita-quality-scorer")
     assert score.backend.type == "vllm" and score.resources.actor_num_gpus == 1
