@@ -135,7 +135,11 @@ def train_loop(loop: dict[str, Any]) -> None:
 
     kind = loop["kind"]
     config = (SFTConfig if kind == "sft" else DPOConfig).model_validate(loop["config"])
-    torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+    threads = max(1, int(config.cpus_per_worker))
+    # TrainingArguments' device setup (accelerate) resets torch's threads to physical cores / workers on
+    # the node whenever OMP_NUM_THREADS is unset, as it is in Ray Train workers: pin it to the reservation.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
     if config.strategy != "ddp" and not config.use_gpu:
         import deepspeed
 
