@@ -51,6 +51,8 @@ __all__ = [
     "run",
     "score",
     "select",
+    "train_dpo",
+    "train_sft",
 ]
 
 
@@ -105,3 +107,28 @@ def run(config: RunConfig | dict[str, Any]) -> RunSummary:
     from deita_ray.pipeline import run_pipeline
 
     return run_pipeline(config if isinstance(config, RunConfig) else RunConfig.model_validate(config))
+
+
+def train_sft(config: Any = None, **fields: Any) -> Any:
+    """Supervised fine-tuning on Ray Train; the same as `deita-ray train sft`. Returns the summary
+    (also in OUTPUT/summary.json).
+
+    Example: ``deita_ray.train_sft(data=["runs/r1/select/selected.jsonl"], model=M, output="runs/sft",
+    num_workers=2, max_steps=100)``
+    """
+    from deita_ray.training.config import SFTConfig
+    from deita_ray.training.pipeline import run_train
+
+    return run_train(_validated(SFTConfig, config, fields))
+
+
+def train_dpo(config: Any = None, **fields: Any) -> Any:
+    """DPO on Ray Train; the same as `deita-ray train dpo`. Returns the summary (also in
+    OUTPUT/summary.json).
+
+    Example: ``deita_ray.train_dpo(data=["pairs.json"], model="runs/sft/model", output="runs/dpo")``
+    """
+    from deita_ray.training.config import DPOConfig
+    from deita_ray.training.pipeline import run_train
+
+    return run_train(_validated(DPOConfig, config, fields))

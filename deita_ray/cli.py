@@ -200,7 +200,7 @@ def config_from_args(stage: Stage, args: argparse.Namespace) -> Any:
 
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:
-    names = " → ".join(s.name for s in stages())
+    names = " → ".join(s.command for s in stages())
     p = sub.add_parser(
         "run",
         help=f"{names} under one run directory (resumable stages).",
@@ -243,6 +243,8 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--budget", type=int, default=100, help="Samples to select (default 100 of 340).")
     p.add_argument("--threshold", type=float, default=0.9, help="τ (default 0.9).")
+    p.add_argument("--sft-steps", type=int, default=4,
+                   help="Steps of SFT of the scorer model on the selection (default 4; 0: no training).")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -276,12 +278,23 @@ def main(argv: list[str] | None = None) -> int:
         prog="deita-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    commands = {stage.name: stage for stage in stages()}
-    for stage in commands.values():
-        add_stage_parser(sub, stage)
+    commands: dict[str, Stage] = {}
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for stage in stages():
+        if stage.group is None:
+            add_stage_parser(sub, stage)
+        else:
+            if stage.group not in groups:
+                members = [s.name for s in stages() if s.group == stage.group]
+                group = sub.add_parser(stage.group, help=f"{stage.group}: {' | '.join(members)}.")
+                groups[stage.group] = group.add_subparsers(dest="group_command", required=True)
+            add_stage_parser(groups[stage.group], stage)
+        commands[stage.command] = stage
     _run_parser(sub)
     _demo_parser(sub)
     args = parser.parse_args(argv)
+    if args.command in groups:
+        args.command = f"{args.command} {args.group_command}"
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         if args.command in commands:
@@ -302,9 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                 budget=args.budget,
                 threshold=args.threshold,
                 overwrite=args.overwrite,
+                sft_steps=args.sft_steps,
             )
             print(
-                f"deita-ray demo: score → embed → select on the bundled pool {config.input[0]} "
+                f"deita-ray demo: {' → '.join(config.stage_names())} on the bundled pool {config.input[0]} "
                 f"(scorer {config.score.complexity_model}, embedder {config.embed.model})",
                 flush=True,
             )

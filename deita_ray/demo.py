@@ -19,9 +19,11 @@ def demo_pool_dir() -> Path:
 
 
 def demo_run_config(output: str, model: str | None = None, embed_model: str | None = None,
-                    budget: int = 100, threshold: float = 0.9, overwrite: bool = False) -> RunConfig:
+                    budget: int = 100, threshold: float = 0.9, overwrite: bool = False,
+                    sft_steps: int = 4) -> RunConfig:
     """The full pipeline on the bundled pool (340 rows): SmolLM2 as both scorers, all-MiniLM-L6-v2
-    embeddings, a budget of 100 at τ=0.9, on a local 2-CPU Ray.
+    embeddings, a budget of 100 at τ=0.9, then `sft_steps` steps of SFT of the scorer model on the
+    selection (0: no training), on a local 2-CPU Ray.
 
     Each model actor reserves 1 CPU and runs torch on 2 threads: the read/write tasks are light, and
     reserving both CPUs for the actor would starve them."""
@@ -52,4 +54,15 @@ def demo_run_config(output: str, model: str | None = None, embed_model: str | No
             "resources": actor,
         },
         "select": {"budget": budget, "threshold": threshold},
+        # A short SFT to show the training stage: one Ray Train worker on both CPUs, the model's own chat
+        # template, a checkpoint only at the end (each one is the weights plus AdamW's state).
+        **({"train": {"sft": {
+            "model": model,
+            "num_workers": 1,
+            "cpus_per_worker": 2,
+            "per_device_batch_size": 2,
+            "max_steps": sft_steps,
+            "max_length": 384,
+            "save_steps": max(sft_steps, 1),
+        }}} if sft_steps else {}),
     })

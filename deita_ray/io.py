@@ -8,7 +8,7 @@ import json
 import os
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import fsspec
@@ -182,18 +182,25 @@ def exists(path: str) -> bool:
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write so that a reader sees the whole file or none of it (temp name + rename locally; object
     stores publish a PUT atomically)."""
+    atomic_write_chunks(path, [data])
+
+
+def atomic_write_chunks(path: str, chunks: Iterable[bytes]) -> None:
+    """`atomic_write_bytes` of the concatenated chunks; a local file is written chunk by chunk, so the
+    whole content is never in memory at once (an object store gets one PUT of it)."""
     fs, inner = filesystem(path)
     if is_local(fs):
         directory = os.path.dirname(inner)
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(inner)}")
         with open(tmp, "wb") as handle:
-            handle.write(data)
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, inner)
     else:
-        fs.pipe_file(inner, data)
+        fs.pipe_file(inner, b"".join(chunks))
 
 
 def atomic_write_json(path: str, obj: Any) -> None:

@@ -95,8 +95,16 @@ def cluster_node_types() -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def actor_requests(node: Any, where: str = "") -> list[tuple[str, ResourcesConfig]]:
-    """Every ResourcesConfig block (a `resources` mapping with actor fields) in a job config."""
+    """Every ResourcesConfig block (a `resources` mapping with actor fields) in a job config, and each
+    training section's worker group as one."""
     found = []
+    if isinstance(node, dict) and "num_workers" in node and "resources_per_worker" in node:
+        # A training config: its Ray Train workers are the actors (one GPU each with use_gpu).
+        found.append((f"{where}.workers" if where else "workers", ResourcesConfig(
+            actor_num_cpus=node.get("cpus_per_worker", 1), actor_num_gpus=1 if node.get("use_gpu") else 0,
+            actor_resources=node["resources_per_worker"], min_actors=node["num_workers"],
+            max_actors=node["num_workers"])))
+        return found
     if isinstance(node, dict):
         for key, value in node.items():
             path = f"{where}.{key}" if where else key
@@ -268,12 +276,14 @@ def test_kuberay_required_fields(path):
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     groups = {group["groupName"]: group for group in spec["workerGroupSpecs"]}
-    assert set(groups) == {"gpu-scorer", "gpu-embedder", "cpu-ingest"}
+    assert set(groups) == {"gpu-scorer", "gpu-embedder", "cpu-ingest", "gpu-trainer"}
     for name, group in groups.items():
         container = group["template"]["spec"]["containers"][0]
         assert container["image"] == head["template"]["spec"]["containers"][0]["image"]
         limits = container["resources"]["limits"]
-        assert limits.get("nvidia.com/gpu", 0) == (1 if name.startswith("gpu-") else 0), name
+        # One GPU per scorer/embedder pod (one actor each); a trainer pod holds 8 Ray Train workers.
+        gpus = 8 if name == "gpu-trainer" else 1 if name.startswith("gpu-") else 0
+        assert limits.get("nvidia.com/gpu", 0) == gpus, name
 
 
 def _groups(manifest: dict[str, Any]) -> list[dict[str, Any]]:

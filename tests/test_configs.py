@@ -16,13 +16,16 @@ from deita_ray.embedding.config import EmbedConfig
 from deita_ray.pipeline import RunConfig
 from deita_ray.scoring.config import ScoreConfig
 from deita_ray.selection.config import SelectConfig
+from deita_ray.training.config import DPOConfig, SFTConfig
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 # jobs/<prefix>*.yaml → the config class it holds and the command its header submits.
 JOB_KINDS = {"score_": (ScoreConfig, "python -m deita_ray.cli score --config"),
              "embed_": (EmbedConfig, "python -m deita_ray.cli embed --config"),
              "select_": (SelectConfig, "python -m deita_ray.cli select --config"),
-             "pipeline_": (RunConfig, "deita-ray run")}
+             "pipeline_": (RunConfig, "deita-ray run"),
+             "train_sft_": (SFTConfig, "python -m deita_ray.cli train sft --config"),
+             "train_dpo_": (DPOConfig, "python -m deita_ray.cli train dpo --config")}
 JOB_CONFIGS = sorted(p for p in JOBS.glob("*.yaml") if p.name != "runtime_env.yaml")
 SUBMIT = "ray job submit --address http://127.0.0.1:8265 --runtime-env jobs/runtime_env.yaml --"
 
@@ -62,7 +65,8 @@ def test_shipped_job_configs_validate(path, tmp_path, monkeypatch):
         monkeypatch.setenv(name, str(tmp_path / name))
     config = config_class.model_validate(load_yaml(path))
     if isinstance(config, RunConfig):
-        score, embed, select = config.stage_configs().values()
+        stage_configs = config.stage_configs()
+        score, embed, select = (stage_configs[name] for name in ("score", "embed", "select"))
         assert score.input == config.input and embed.input == [f"{config.output}/score"]
         assert select.scores == [f"{config.output}/score"] and select.embeddings == [f"{config.output}/embed"]
     submits = [c for c in header_commands(path) if c.startswith("ray job submit")]
@@ -85,14 +89,22 @@ def test_pipeline_local_cpu_takes_its_models_from_the_environment(tmp_path, monk
         RunConfig.model_validate(load_yaml(path))
     monkeypatch.setenv("DEITA_SCORER_MODEL", str(tmp_path))
     config = RunConfig.model_validate(load_yaml(path))
-    score, embed, _ = config.stage_configs().values()
-    assert score.complexity_model == score.quality_model == embed.model == str(tmp_path)
+    stages = config.stage_configs()
+    score, embed, sft = stages["score"], stages["embed"], stages["sft"]
+    assert score.complexity_model == score.quality_model == embed.model == sft.model == str(tmp_path)
+    assert sft.data == [f"{config.output}/select/selected.jsonl"]
     assert config.input == ["deita_ray/data/demo_pool"] and config.ray_address is None
 
 
 def test_pipeline_gpu_is_the_papers_setup():
     config = RunConfig.model_validate(load_yaml(JOBS / "pipeline_gpu.yaml"))
-    score, embed, select = config.stage_configs().values()
+    stages = config.stage_configs()
+    score, embed, select = stages["score"], stages["embed"], stages["select"]
+    # Then Deita's SFT on the selection and DPO from the SFT model (ZeRO-3 on the trainer nodes).
+    sft, dpo = stages["sft"], stages["dpo"]
+    assert sft.data == [f"{config.output}/select/selected.jsonl"]
+    assert dpo.model == f"{config.output}/sft/model"
+    assert sft.strategy == dpo.strategy == "zero3" and sft.resources_per_worker == {"deita_trainer": 1}
     assert (score.complexity_model, score.quality_model) == ("hkust-nlp/deita-complexity-scorer",
                                                              "hkust-nlp/deita-quality-scorer")
     assert score.backend.type == "vllm" and score.resources.actor_num_gpus == 1

@@ -10,13 +10,13 @@ import uuid
 from pathlib import Path
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from deita_ray import io
 from deita_ray.ingest.plan import (
+    IdFile,
     Unit,
     attach_duplicates,
     find_duplicates,
@@ -295,7 +295,10 @@ def test_plan_empty_file(tmp_path: Path):
     path = write_jsonl(tmp_path / "empty.jsonl", [])
     plan = plan_file(0, str(path), str(tmp_path), 10, "auto", "id")
     assert plan["n_rows"] == 0 and plan["units"] == []
-    assert find_duplicates([plan]) == {}
+    # With an id directory: no id file for a file without ids, and nothing to find.
+    plan = plan_file(0, str(path), str(tmp_path), 10, "auto", "id", ids_dir=str(tmp_path / "ids"))
+    assert plan["id_file"] is None and not (tmp_path / "ids").exists()
+    assert find_duplicates([], [str(path)]) == {}
 
 
 def test_units_are_stable_across_runs(tmp_path: Path):
@@ -305,7 +308,17 @@ def test_units_are_stable_across_runs(tmp_path: Path):
     assert first == again
 
 
-# --- duplicates ---------------------------------------------------------------------------------
+# --- duplicates (the partitioned pass against the plain rule: tests/test_duplicates.py) ------------
+
+
+def planned_duplicates(paths: list[Path], ids_dir: Path, rows_per_shard: int = 2, id_field: str = "id"):
+    """Plan the files with their ids written to `ids_dir`; (plans, duplicates found in this process)."""
+    plans = [
+        plan_file(i, str(p), str(ids_dir.parent), rows_per_shard, "auto", id_field, ids_dir=str(ids_dir))
+        for i, p in enumerate(paths)
+    ]
+    id_files = [IdFile(**p["id_file"]) for p in plans if p["id_file"]]
+    return plans, find_duplicates(id_files, [str(p) for p in paths])
 
 
 def test_find_duplicates_first_occurrence_wins_across_files(tmp_path: Path):
@@ -322,14 +335,14 @@ def test_find_duplicates_first_occurrence_wins_across_files(tmp_path: Path):
             json.dumps(alpaca(1, note="different content, same id")),
         ],
     )
-    plans = [plan_file(i, str(p), str(tmp_path), 2, "auto", "id") for i, p in enumerate([f0, f1])]
-    dups = find_duplicates(plans)
+    plans, dups = planned_duplicates([f0, f1], tmp_path / "ids")
     assert dups == {
         0: {3: f"{f0}:1"},
         1: {0: f"{f0}:4", 3: f"{f1}:1", 4: f"{f0}:0"},
     }
-    # Order of the plan list does not matter: input order is (file_index, row).
-    assert find_duplicates(list(reversed(plans))) == dups
+    # Order of the id file list does not matter: input order is (file_index, row).
+    id_files = [IdFile(**p["id_file"]) for p in plans]
+    assert find_duplicates(list(reversed(id_files)), [str(f0), str(f1)]) == dups
     units = [Unit.from_dict(u) for p in plans for u in p["units"]]
     attach_duplicates(units, dups)
     by_unit = {(u.file_index, u.first_row): u.duplicates for u in units}
@@ -343,33 +356,6 @@ def test_find_duplicates_first_occurrence_wins_across_files(tmp_path: Path):
     }
 
 
-def test_find_duplicates_many_way():
-    def fake_plan(file_index: int, ids: list[str]) -> dict:
-        hashes = [id_hash(i) for i in ids]
-        return {
-            "file_index": file_index,
-            "n_rows": len(ids),
-            "units": [{"source_file": f"f{file_index}"}],
-            "h1": np.array([h[0] for h in hashes], dtype=np.int64),
-            "h2": np.array([h[1] for h in hashes], dtype=np.int64),
-            "rows": np.arange(len(ids), dtype=np.int64),
-        }
-
-    plans = [
-        fake_plan(0, ["x", "y", "x", "z", "x"]),
-        fake_plan(1, ["y", "x", "w", "y"]),
-        fake_plan(2, ["z", "z", "z"]),
-    ]
-    assert find_duplicates(plans) == {
-        0: {2: "f0:0", 4: "f0:0"},
-        1: {0: "f0:1", 1: "f0:0", 3: "f0:1"},
-        2: {0: "f0:3", 1: "f0:3", 2: "f0:3"},
-    }
-    assert find_duplicates([fake_plan(0, ["a", "b", "c"])]) == {}
-    assert find_duplicates([fake_plan(0, ["a"])]) == {}
-    assert find_duplicates([]) == {}
-
-
 def test_find_duplicates_uses_id_field(tmp_path: Path):
     rows = [
         {"uid": "u1", "id": "same", "instruction": "Q1", "output": "A"},
@@ -377,12 +363,8 @@ def test_find_duplicates_uses_id_field(tmp_path: Path):
         {"uid": "u1", "id": "other", "instruction": "Q3", "output": "A"},
     ]
     path = write_jsonl(tmp_path / "a.jsonl", [json.dumps(r) for r in rows])
-    assert find_duplicates([plan_file(0, str(path), str(tmp_path), 10, "auto", "uid")]) == {
-        0: {2: f"{path}:0"}
-    }
-    assert find_duplicates([plan_file(0, str(path), str(tmp_path), 10, "auto", "id")]) == {
-        0: {1: f"{path}:0"}
-    }
+    assert planned_duplicates([path], tmp_path / "uid", 10, "uid")[1] == {0: {2: f"{path}:0"}}
+    assert planned_duplicates([path], tmp_path / "id", 10, "id")[1] == {0: {1: f"{path}:0"}}
 
 
 # --- reading output shards ----------------------------------------------------------------------

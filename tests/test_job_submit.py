@@ -4,7 +4,8 @@ The head is a `ray start --head` on free ports with the dashboard (which serves 
 in a private temp dir with its own auth token (tests/autoscaling_cluster.py, `LocalRayHead`); at the end
 exactly its processes are stopped, by pid. Never `ray stop`: it stops every Ray on the machine.
 
-The command run is the one in the header of jobs/pipeline_local_cpu.yaml, by bash from the repository
+The command run is the one in the header of jobs/pipeline_local_cpu.yaml (score → embed → select →
+a 4-step SFT on the selection with Ray Train), by bash from the repository
 root, with three substitutions: the head's dashboard address, a copy of that config whose pool is a
 32-row subset of the demo pool (three formats, and tool-call rows that are rejected), and the run
 directory.
@@ -150,12 +151,13 @@ def test_ray_job_submit_runs_the_pipeline(tiny_llama, tmp_path):
     assert f"[score] done: {scorable} scored, {rejected} rejected, 0 blank of {rows} rows" in logs.stdout
     assert f"[embed] done: {scorable} embedded (dim 384), 0 rejected of {scorable} rows" in logs.stdout
     assert f"[select] done: {BUDGET} selected of budget {BUDGET}" in logs.stdout
+    assert f"[sft] done: sft: 4 steps on {BUDGET} examples (0 rejected)" in logs.stdout
     assert f"run directory: {run}" in logs.stdout
 
     # The run directory, written by the job's driver and the cluster's actors.
     summary = json.loads((run / "summary.json").read_text())
     assert {name: stage["status"] for name, stage in summary["stages"].items()} == \
-        {"score": "ran", "embed": "ran", "select": "ran"}
+        {"score": "ran", "embed": "ran", "select": "ran", "sft": "ran"}
     assert (summary["selected"], summary["budget"], summary["budget_reached"]) == (BUDGET, BUDGET, True)
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     # ${...} was expanded in the job's driver, from the environment `env` gave it (the models loaded and
@@ -181,3 +183,13 @@ def test_ray_job_submit_runs_the_pipeline(tiny_llama, tmp_path):
     assert [row["rank"] for row in selected] == list(range(1, BUDGET + 1))
     assert [row["id"] for row in selected] == _reference_selection(run, resolved["select"]["threshold"])
     assert (run / "select" / "selected.parquet").exists() and (run / "select" / "report.json").exists()
+
+    # The SFT stage trained the tiny model on exactly the selection, through the job's Ray Train workers.
+    sft = json.loads((run / "sft" / "summary.json").read_text())
+    assert (sft["steps"], sft["data"]["examples"], sft["data"]["rejected"]) == (4, BUDGET, 0)
+    assert [r["step"] for r in map(json.loads, (run / "sft" / "metrics.jsonl").read_text().splitlines())] == [
+        1, 2, 3, 4]
+    (lineage,) = sft["lineage"]["stages"]
+    assert lineage["stage"] == "select"
+    assert lineage["chain_key"] == json.loads((run / "_stages" / "select.json").read_text())["key"]
+    assert (run / "sft" / "model" / "model.safetensors").exists()

@@ -35,7 +35,7 @@ BATCH_SIZE = 4
 BACKEND = {"type": "transformers", "torch_threads": 1}
 DEITA_RAY = Path(sys.executable).with_name("deita-ray")
 # Marker fields that describe how a unit was run rather than what it contains.
-RUN_FIELDS = ("score_seconds", "scorer_pid", "scorer_node")
+RUN_FIELDS = ("score_seconds", "scored_at", "scorer_pid", "scorer_node")
 SUMMARY_FIELDS = ("input_rows", "scored", "rejected", "rejected_by_reason", "blank", "truncated",
                   "prompt_tokens", "units")
 
@@ -161,7 +161,8 @@ class CliRun:
     its environment that Ray workers inherit, is killed here by pid.
     """
 
-    def __init__(self, args: list[str], command: str = "score") -> None:
+    def __init__(self, args: list[str], command: str = "score",
+                 env_extra: dict[str, str] | None = None) -> None:
         self.tag = uuid.uuid4().hex
         self.ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths are limited
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -169,6 +170,7 @@ class CliRun:
         # busy machine starves (tests/fault_injection.py, NORMAL_PRIORITY).
         env.update(RAY_TMPDIR=self.ray_tmp, DEITA_RAY_TEST_TAG=self.tag, HF_HUB_OFFLINE="1",
                    RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false", RAY_worker_niceness="0")
+        env.update(env_extra or {})
         self.log = open(Path(self.ray_tmp) / "driver.log", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen([str(DEITA_RAY), command, *args], env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)

@@ -235,3 +235,7 @@ def test_demo_command_runs_the_whole_pipeline(tmp_path: Path, tiny_llama: Path) 
         and report["pool"]["embedding_dim"] == 384
     )
     assert len(report["plots"]) == 3 and all(Path(p).exists() for p in report["plots"])
+    # Then a short SFT of the (scorer) model on the selection.
+    sft = json.loads((out / "sft" / "summary.json").read_text())
+    assert sft["steps"] == 4 and sft["data"]["examples"] + sft["data"]["rejected"] == 40
+    assert f"sft model: {out}/sft/model" in result.stdout and (out / "sft" / "model" / "config.json").exists()

@@ -1,18 +1,27 @@
 """The read stage every unit stage shares for raw pools: a planned unit → canonical samples and
 per-row rejects (validation, duplicates, unparseable rows), in the rejects shard schema; and the
 planning of a whole raw input into units (cached in OUTPUT/_plan/plan.json, so a resumed run has the
-same units)."""
+same units; the id hashes of the duplicate check pass through OUTPUT/_plan/ids and are removed)."""
 
 from __future__ import annotations
 
 import json
+from collections import deque
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import pyarrow as pa
 
 from deita_ray import io
 from deita_ray.config import ResourcesConfig
-from deita_ray.ingest.plan import Unit, attach_duplicates, find_duplicates, iter_source_rows, plan_file
+from deita_ray.ingest.plan import (
+    IdFile,
+    Unit,
+    attach_duplicates,
+    find_duplicates,
+    iter_source_rows,
+    plan_file,
+)
 from deita_ray.ingest.records import Reject, RejectReason, escape_surrogates, normalize_row
 from deita_ray.runtime.units import require_columns, unit_row
 
@@ -43,14 +52,21 @@ class RawInputConfig(Protocol):
 def reject_row(
     unit: Unit, row: int, raw: str, reason: RejectReason, message: str, sample_id: str | None = None
 ) -> dict[str, Any]:
+    """One rejected input row of a unit, in the rejects shard schema."""
+    return reject_record(unit.source_file, row, raw, reason.value, message, sample_id)
+
+
+def reject_record(
+    source_file: str, row: int, raw: str, reason: str, message: str, sample_id: str | None = None
+) -> dict[str, Any]:
     """One rejected input row, in the rejects shard schema (lone surrogates written as escapes: the
-    shard is UTF-8)."""
+    shard is UTF-8). `reason` is a RejectReason value or a stage's own (e.g. training's)."""
     return {
         "id": None if sample_id is None else escape_surrogates(sample_id),
-        "reason": reason.value,
+        "reason": reason,
         "message": escape_surrogates(message),
         "raw": escape_surrogates(raw),
-        "source_file": unit.source_file,
+        "source_file": source_file,
         "source_row": row,
     }
 
@@ -146,22 +162,41 @@ def plan_units(config: RawInputConfig, files: list[str] | None = None) -> list[U
         return [Unit.from_dict(u) for u in io.read_json(plan_path)["units"]]
     if files is None:
         files = io.expand_inputs(config.input)
-    task = ray.remote(plan_file).options(
-        num_cpus=config.resources.task_num_cpus, max_retries=config.resources.max_task_retries
-    )
+    resources = config.resources
+    task_options = {"num_cpus": resources.task_num_cpus, "max_retries": resources.max_task_retries}
+    task = ray.remote(plan_file).options(**task_options)
     staging = f"{config.output}/{PLAN_DIR}/staged"
-    refs = [
-        task.remote(i, path, staging, config.rows_per_shard, config.input_format, config.id_field)
+    ids_dir = f"{config.output}/{PLAN_DIR}/ids"
+    pending = deque(
+        task.remote(i, path, staging, config.rows_per_shard, config.input_format, config.id_field, ids_dir)
         for i, path in enumerate(files)
-    ]
-    try:
-        file_plans = ray.get(refs)
-    except ray.exceptions.RayTaskError as exc:
-        # An unreadable file: its own one-line message (naming it), not the task's traceback.
-        if isinstance(exc.cause, io.UnreadableFileError):
-            raise io.UnreadableFileError(str(exc.cause)) from None
-        raise
-    units = [Unit.from_dict(u) for plan in file_plans for u in plan["units"]]
-    attach_duplicates(units, find_duplicates(file_plans))
-    io.atomic_write_json(plan_path, {"files": files, "units": [u.to_dict() for u in units]})
+    )
+    # File by file, each plan becomes Units and is dropped (its reference too, which frees the object):
+    # the driver never holds every file's unit dicts at once (Units are ~5x smaller than the dicts).
+    units: list[Unit] = []
+    id_files = []
+    while pending:
+        try:
+            plan = ray.get(pending.popleft())  # units and counts: the id hashes stay in the id files
+        except ray.exceptions.RayTaskError as exc:
+            # An unreadable file: its own one-line message (naming it), not the task's traceback.
+            if isinstance(exc.cause, io.UnreadableFileError):
+                raise io.UnreadableFileError(str(exc.cause)) from None
+            raise
+        units += [Unit.from_dict(u) for u in plan["units"]]
+        if plan["id_file"]:
+            id_files.append(IdFile(**plan["id_file"]))
+    attach_duplicates(units, find_duplicates(id_files, files, task_options))
+    io.remove_tree(ids_dir)  # before plan.json: a finished plan leaves no id files behind
+    io.atomic_write_chunks(plan_path, plan_json(files, units))
     return units
+
+
+def plan_json(files: list[str], units: list[Unit]) -> Iterator[bytes]:
+    """plan.json, piece by piece: the files, then one unit per line (each through json's C encoder).
+    An indented dump of the whole plan peaked at ~10x the file's size in Python string pieces."""
+    yield b'{"files": ' + json.dumps(files).encode("utf-8") + b', "units": [\n'
+    for index, unit in enumerate(units):
+        separator = b",\n" if index < len(units) - 1 else b"\n"
+        yield json.dumps(unit.to_dict(), sort_keys=True).encode("utf-8") + separator
+    yield b"]}\n"

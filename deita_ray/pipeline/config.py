@@ -53,7 +53,7 @@ class RunConfig(StrictConfig):
             missing = [r for r in stage.reads if r != POOL and r not in present]
             if missing:
                 raise ValueError(f"{stage.name} reads {', '.join(missing)}, which has no section")
-            section = getattr(self, stage.name)
+            section = self.section(stage)
             clash = sorted(section.model_fields_set & {*stage.wired_fields, *RUN_WIRED})
             if clash:
                 raise ValueError(
@@ -63,14 +63,19 @@ class RunConfig(StrictConfig):
             stage.check(self.stage_config(stage.name), stage.name)  # before any work
         return self
 
+    def section(self, stage: Stage) -> Any:
+        """The stage's section of this config (`train: {sft: ...}` for a stage of group train), or None."""
+        holder = getattr(self, stage.group, None) if stage.group else self
+        return getattr(holder, stage.name, None) if holder is not None else None
+
     def stage_names(self) -> list[str]:
         """The stages this run executes, in order."""
-        return [s.name for s in stages() if getattr(self, s.name, None) is not None]
+        return [s.name for s in stages() if self.section(s) is not None]
 
     def stage_config(self, name: str) -> Any:
         """The full config of one stage: its section plus the paths and settings the run wires."""
         stage = next(s for s in stages() if s.name == name)
-        section = getattr(self, name)
+        section = self.section(stage)
         fields = section.model_dump(exclude_unset=True, exclude={*stage.wired_fields, *RUN_WIRED})
         paths = RunPaths(list(self.input), self.output)
         return stage.config_type.model_validate(
@@ -99,12 +104,20 @@ def run_config_model() -> type[RunConfig]:
     registered = stages()
     key = tuple(id(s) for s in registered)
     if key not in _MODELS:
-        sections = {
-            s.name: (
-                section_model(s) | None,
-                Field(None, description=f"`deita-ray {s.name}` fields: {s.help}"),
+        def field_of(stage: Stage) -> tuple[Any, Any]:
+            return (
+                section_model(stage) | None,
+                Field(None, description=f"`deita-ray {stage.command}` fields: {stage.help}"),
             )
-            for s in registered
-        }
+
+        sections: dict[str, Any] = {}
+        for s in registered:
+            if s.group is None:
+                sections[s.name] = field_of(s)
+            elif s.group not in sections:
+                members = {m.name: field_of(m) for m in registered if m.group == s.group}
+                group = create_model(f"{s.group.title()}Sections", __base__=StrictConfig, **members)
+                sections[s.group] = (group | None, Field(None, description=f"The {s.group} stages: "
+                                                     f"{', '.join(members)}."))
         _MODELS[key] = create_model("RunConfig", __base__=RunConfig, __doc__=RunConfig.__doc__, **sections)
     return _MODELS[key]

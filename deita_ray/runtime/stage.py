@@ -4,6 +4,8 @@ A stage is one object that says, as data, everything the run orchestrator, the C
 check need to know about it; none of them names a stage:
 
     name            the CLI command (`deita-ray <name>`) and the run config's section
+    group           (optional) a command and run section shared by stages of one kind: `deita-ray
+                    train sft`, `train: {sft: ...}`
     config_type     its pydantic config (result fields marked with `result_field`)
     reads           what it reads inside a run: "pool" (the run's `input`) and/or upstream stage names
     wire(...)       the config fields a run sets (input/output paths from the run directory)
@@ -15,8 +17,8 @@ check need to know about it; none of them names a stage:
 
 Register a stage with `register_stage(stage)`; `stages()` lists them in registration order, which is
 also the order a run executes them in. Stages shipped with deita_ray register themselves when
-`deita_ray.runtime.units` is imported; others register from their own module (or through the
-`deita_ray.runtime.units` entry-point group of an installed package).
+the registry is first read; others register from their own module (or through the
+`deita_ray.stages` entry-point group of an installed package).
 """
 
 from __future__ import annotations
@@ -111,6 +113,14 @@ class Stage:
     # every top-level scalar field gets a flag of its own, everything else is reachable with --set.
     cli_shortcuts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     description: str = ""
+    # Stages of one kind share a command and a run section: group "train" makes `deita-ray train sft`
+    # and the run section `train: {sft: ...}`. Names stay unique across groups.
+    group: str | None = None
+
+    @property
+    def command(self) -> str:
+        """How the CLI and messages name the stage: "score", "train sft"."""
+        return f"{self.group} {self.name}" if self.group else self.name
 
     @property
     def wired_fields(self) -> tuple[str, ...]:
@@ -137,7 +147,12 @@ def lazy(target: str) -> Callable[..., Any]:
 
 
 _REGISTRY: dict[str, Stage] = {}
-_BUILTIN_MODULES = ("deita_ray.scoring.stage", "deita_ray.embedding.stage", "deita_ray.selection.stage")
+_BUILTIN_MODULES = (
+    "deita_ray.scoring.stage",
+    "deita_ray.embedding.stage",
+    "deita_ray.selection.stage",
+    "deita_ray.training.stage",
+)
 _loaded = False
 
 
@@ -146,6 +161,8 @@ def register_stage(stage: Stage, *, replace: bool = False) -> Stage:
     _load()  # the built-in stages come first (a no-op while they are registering themselves)
     if stage.name in _REGISTRY and not replace and _REGISTRY[stage.name] is not stage:
         raise ValueError(f"a stage named {stage.name!r} is registered already")
+    if stage.name in {s.group for s in _REGISTRY.values()} or stage.group in _REGISTRY:
+        raise ValueError(f"stage {stage.name!r}: a stage name and a group name clash")
     unknown = [r for r in stage.reads if r != POOL and r not in _REGISTRY]
     if unknown:
         raise ValueError(f"stage {stage.name!r} reads {unknown}, which are not registered before it")
@@ -164,7 +181,7 @@ def _load() -> None:
     _loaded = True
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
-    for entry in importlib.metadata.entry_points(group="deita_ray.runtime.units"):
+    for entry in importlib.metadata.entry_points(group="deita_ray.stages"):
         try:
             entry.load()
         except Exception as exc:  # a broken plugin must not take the built-in stages down with it

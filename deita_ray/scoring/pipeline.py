@@ -114,6 +114,7 @@ class ScoreStage:
                 truncated=truncated,
                 prompt_tokens=tokens,
                 score_seconds=time.perf_counter() - started,
+                scored_at=time.time(),  # wall clock: a warm-throughput window can start here
                 scorer_pid=self.scorer_pid,
                 scorer_node=self.scorer_node,
             )
