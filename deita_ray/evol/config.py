@@ -9,16 +9,11 @@ between runs of the same output: the request cache is keyed by what a request as
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field, field_validator
 
 from deita_ray.config import InputFormat, Paths, ResourcesConfig, StageConfig, result_field
 from deita_ray.engines.chat_client import ChatEndpointConfig
 from deita_ray.evol.prompts import Kind
-
-# The endpoint fields that change what a request returns (the rest only change how it is sent).
-ENDPOINT_RESULT_FIELDS = ("model", "temperature", "max_tokens", "seed")
 
 
 def _client_resources() -> ResourcesConfig:
@@ -27,19 +22,14 @@ def _client_resources() -> ResourcesConfig:
 
 
 class _EndpointStage(StageConfig, ChatEndpointConfig):
-    """What evol and rank share: the endpoint, the actor pool and the fingerprint rule."""
+    """What evol and rank share: the endpoint (its result fields: model, temperature, max_tokens, seed)
+    and the client actor pool."""
 
     resources: ResourcesConfig = Field(
         default_factory=_client_resources,
         description="Ray resources of the client actors (each holds one ChatClient with `concurrency` "
         "requests in flight) and of the read/write tasks.",
     )
-
-    def result_fingerprint(self) -> dict[str, Any]:
-        fingerprint = super().result_fingerprint()
-        for name in ENDPOINT_RESULT_FIELDS:
-            fingerprint.setdefault(name, getattr(self, name))
-        return fingerprint
 
 
 class EvolConfig(_EndpointStage):

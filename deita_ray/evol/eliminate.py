@@ -84,11 +84,7 @@ def copies_scaffolding(text: str, kind: str) -> str | None:
 
 def check_rewritten_instruction(previous: str, new: str) -> str | None:
     """The first rule a rewritten instruction (Evol-Complexity) breaks, or None."""
-    return (
-        copies_scaffolding(new, "complexity")
-        or only_stop_words(new)
-        or no_new_information(previous, new)
-    )
+    return copies_scaffolding(new, "complexity") or only_stop_words(new) or no_new_information(previous, new)
 
 
 def check_answer(answer: str) -> str | None:

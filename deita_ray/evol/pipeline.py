@@ -163,7 +163,9 @@ def _text(result: ChatResult, what: str) -> str:
         raise RoundFailed(ENDPOINT_ERROR, f"{what}: {result.error}")
     text = (result.content or "").strip()
     if not text:
-        raise RoundFailed(UNPARSEABLE, f"{what}: the reply has no text (finish_reason {result.finish_reason})")
+        raise RoundFailed(
+            UNPARSEABLE, f"{what}: the reply has no text (finish_reason {result.finish_reason})"
+        )
     return text
 
 
@@ -192,7 +194,9 @@ class Evolver:
                         root_id, round_, method, instruction, usage
                     )
                 else:
-                    response = await self._quality_round(root_id, round_, method, instruction, response, usage)
+                    response = await self._quality_round(
+                        root_id, round_, method, instruction, response, usage
+                    )
             except RoundFailed as failed:
                 chain.reject = self._round_reject(root_id, round_, method, failed)
                 chain.not_reached = config.rounds - round_
@@ -205,7 +209,8 @@ class Evolver:
     ) -> tuple[str, str]:
         seed = self.config.seed
         rewritten = await self._ask(
-            evol_complexity_prompt(previous, method), request_seed(seed, root_id, "complexity", round_, "rewrite")
+            evol_complexity_prompt(previous, method),
+            request_seed(seed, root_id, "complexity", round_, "rewrite"),
         )
         usage[0] += rewritten.prompt_tokens
         usage[1] += rewritten.completion_tokens
@@ -219,7 +224,9 @@ class Evolver:
         response = _text(answered, "answer")
         rule = eliminate.check_answer(response)
         if rule:
-            raise RoundFailed(ELIMINATED, f"the answer broke rule {rule}", rule, f"{instruction}\n---\n{response}")
+            raise RoundFailed(
+                ELIMINATED, f"the answer broke rule {rule}", rule, f"{instruction}\n---\n{response}"
+            )
         return instruction, response
 
     async def _quality_round(
@@ -339,8 +346,12 @@ class EvolStage:
         not_reached = sum(c.not_reached for c in chains)
         if len(seeds) * (config.rounds + 1) != len(variants) + len(round_rejects) + not_reached:
             raise AssertionError(f"unit {unit.unit_id}: rounds do not add up")
-        evolved = {"seeds": len(seeds), "variants": variants, "round_rejects": round_rejects,
-                   "not_reached": not_reached}
+        evolved = {
+            "seeds": len(seeds),
+            "variants": variants,
+            "round_rejects": round_rejects,
+            "not_reached": not_reached,
+        }
         return evolved, client.stats
 
 
@@ -406,7 +417,9 @@ def client_summary(config: ChatEndpointConfig, stats: ClientStats) -> dict[str, 
     return {**stats.to_dict(), "cost": stats.cost(config)}
 
 
-def summarize(config: EvolConfig, units: list[Unit], timings: dict[str, float], run: RunProgress) -> EvolSummary:
+def summarize(
+    config: EvolConfig, units: list[Unit], timings: dict[str, float], run: RunProgress
+) -> EvolSummary:
     counted = ("variants", "not_reached", "usage_prompt_tokens", "usage_completion_tokens")
     tally = tally_units(config.output, units, counted, done="seeds")
     totals = tally.totals
@@ -416,7 +429,8 @@ def summarize(config: EvolConfig, units: list[Unit], timings: dict[str, float], 
     rounds_total = totals["seeds"] * (config.rounds + 1)
     if rounds_total != totals["variants"] + sum(round_rejected.values()) + totals["not_reached"]:
         raise AssertionError(
-            f"round accounting failed: {totals['seeds']} seeds × {config.rounds + 1} rounds = {rounds_total}, "
+            f"round accounting failed: {totals['seeds']} seeds × {config.rounds + 1} rounds = "
+            f"{rounds_total}, "
             f"variants {totals['variants']} + round rejects {sum(round_rejected.values())} + not reached "
             f"{totals['not_reached']}"
         )

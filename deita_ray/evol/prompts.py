@@ -87,8 +87,9 @@ def evol_complexity_prompt(instruction: str, method: str) -> str:
 
 
 def evol_quality_prompt(instruction: str, response: str, method: str) -> str:
-    return EVOL_QUALITY_TEMPLATE.format(method=QUALITY_METHODS[method], instruction=instruction,
-                                        response=response)
+    return EVOL_QUALITY_TEMPLATE.format(
+        method=QUALITY_METHODS[method], instruction=instruction, response=response
+    )
 
 
 def stable_int(*parts: object) -> int:

@@ -96,7 +96,9 @@ def evol_dir_of(path: str) -> str:
 
 def evol_kind(evol_dir: str) -> str:
     if not io.exists(f"{evol_dir}/config.json"):
-        raise FileNotFoundError(f"{evol_dir} is not an evol output (no config.json); run `deita-ray evol` first")
+        raise FileNotFoundError(
+            f"{evol_dir} is not an evol output (no config.json); run `deita-ray evol` first"
+        )
     return io.read_json(f"{evol_dir}/config.json")["config"]["kind"]
 
 
@@ -124,8 +126,10 @@ class RankReadStage:
         unit = Unit.from_dict(json.loads(row["unit"]))
         table = pq.read_table(unit.read_path, columns=["id", "root_id", "round", "conversations"])
         if table.num_rows != unit.n_rows:
-            raise RuntimeError(f"unit {unit.unit_id}: planned {unit.n_rows} rows, read {table.num_rows}; "
-                               f"did {unit.source_file} change?")
+            raise RuntimeError(
+                f"unit {unit.unit_id}: planned {unit.n_rows} rows, read {table.num_rows}; "
+                f"did {unit.source_file} change?"
+            )
         by_root: dict[str, list[dict[str, Any]]] = defaultdict(list)  # insertion order: first appearance
         rejects = []
         for source_row, variant in enumerate(table.to_pylist()):
@@ -133,7 +137,9 @@ class RankReadStage:
             try:
                 variant["instruction"], variant["response"] = first_pair(variant["conversations"] or [])
             except (ValueError, KeyError, TypeError):
-                rejects.append(_reject(unit, variant, "missing_field", "the variant has no user turn", self.kind))
+                rejects.append(
+                    _reject(unit, variant, "missing_field", "the variant has no user turn", self.kind)
+                )
                 continue
             by_root[variant["root_id"]].append(variant)
         groups = []
@@ -201,9 +207,16 @@ class RankStage:
                 rejects += [_reject(unit, v, failure[0], failure[1], kind) for v in variants]
                 continue
             for variant, score in zip(variants, scores, strict=True):
-                ranked.append({"id": variant["id"], "root_id": variant["root_id"], "kind": kind,
-                               "round": variant["round"], "score": score,
-                               "conversations": variant["conversations"]})
+                ranked.append(
+                    {
+                        "id": variant["id"],
+                        "root_id": variant["root_id"],
+                        "kind": kind,
+                        "round": variant["round"],
+                        "score": score,
+                        "conversations": variant["conversations"],
+                    }
+                )
         return ranked, attempts, client.stats
 
     async def _rank_one(self, client: Any, group: dict[str, Any]):
@@ -253,7 +266,10 @@ def scorer_row(variant: dict[str, Any], kind: str) -> dict[str, Any]:
         "id": variant["id"],
         "root_id": variant["root_id"],
         "kind": kind,
-        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": str(variant["score"])}],
+        "conversations": [
+            {"from": "human", "value": prompt},
+            {"from": "gpt", "value": str(variant["score"])},
+        ],
     }
 
 
@@ -298,9 +314,12 @@ def plan_rank_units(config: RankConfig) -> list[Unit]:
     plan_path = f"{config.output}/{PLAN_DIR}/plan.json"
     if io.exists(plan_path):
         return [Unit.from_dict(u) for u in io.read_json(plan_path)["units"]]
-    units = plan_shard_units(evol_dir_of(config.input[0]), EVOLVED_DIR, EVOLVED_KIND, "evolution",
-                             "deita-ray evol")
-    io.atomic_write_json(plan_path, {"files": [u.source_file for u in units], "units": [u.to_dict() for u in units]})
+    units = plan_shard_units(
+        evol_dir_of(config.input[0]), EVOLVED_DIR, EVOLVED_KIND, "evolution", "deita-ray evol"
+    )
+    io.atomic_write_json(
+        plan_path, {"files": [u.source_file for u in units], "units": [u.to_dict() for u in units]}
+    )
     return units
 
 
@@ -326,7 +345,9 @@ def rank_fingerprint(config: RankConfig) -> dict[str, Any]:
     return fingerprint
 
 
-def summarize(config: RankConfig, units: list[Unit], timings: dict[str, float], run: RunProgress) -> RankSummary:
+def summarize(
+    config: RankConfig, units: list[Unit], timings: dict[str, float], run: RunProgress
+) -> RankSummary:
     tally = tally_units(config.output, units, ("roots", "roots_ranked", "ranking_attempts"), done="ranked")
     histogram = add_counters(tally.markers, "score_histogram")
     seconds = timings.get("rank_seconds", 0.0)

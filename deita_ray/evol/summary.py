@@ -11,7 +11,8 @@ def _client_line(client: dict[str, Any]) -> str:
     cost = client.get("cost")
     line = (
         f"{client['requests_sent']} requests sent, {client['cache_hits']} cache hits, "
-        f"{client['retries']} retries, tokens {client['prompt_tokens']} in / {client['completion_tokens']} out"
+        f"{client['retries']} retries, tokens {client['prompt_tokens']} in / "
+        f"{client['completion_tokens']} out"
     )
     return line + (f", cost {cost:.4f}" if cost is not None else "")
 
@@ -89,5 +90,7 @@ class RankSummary(UnitSummary):
         ]
 
     def run_outputs(self) -> dict[str, Any]:
-        return {"scorer_data": self.scorer_data["train"]["path"],
-                "scorer_data_dev": self.scorer_data["dev"]["path"]}
+        return {
+            "scorer_data": self.scorer_data["train"]["path"],
+            "scorer_data_dev": self.scorer_data["dev"]["path"],
+        }

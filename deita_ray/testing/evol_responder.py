@@ -125,8 +125,10 @@ def split_variants(body: str) -> list[str]:
         if int(match.group(1)) == expected:
             starts.append(match)
             expected += 1
-    return [body[m.end() : (starts[i + 1].start() if i + 1 < len(starts) else len(body))].rstrip("\n")
-            for i, m in enumerate(starts)]
+    return [
+        body[m.end() : (starts[i + 1].start() if i + 1 < len(starts) else len(body))].rstrip("\n")
+        for i, m in enumerate(starts)
+    ]
 
 
 def rank(prompt: str, kind: str) -> str:
