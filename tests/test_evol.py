@@ -29,6 +29,7 @@ of marker seeds, a blank line, an unparseable line and a duplicate id: 14 seeds,
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -69,6 +70,8 @@ KEY = "sk-evol-test-4f9c2d7e81b3a605"
 MODEL = "deita-test"
 RESPONDER = "deita_ray.testing.evol_responder:respond"
 ROUNDS = 3
+# Two client actors of a quarter CPU each: the units' chains overlap, and both CPUs stay free for tasks.
+TWO_ACTORS = {"actor_num_cpus": 0.25, "min_actors": 2, "max_actors": 2}
 N_SEEDS, N_INGEST_REJECTS, N_BLANK = 14, 2, 1
 MARKER_SEEDS = [
     ("m-sorry", "Explain why the sky looks blue. [[sorry@2]]", "Light scatters off air molecules."),
@@ -125,7 +128,7 @@ def evol_config(pool: Path, output: Path, url: str, **fields) -> dict:
         "api_key_env": KEY_ENV,
         "rows_per_shard": 5,
         "concurrency": 8,
-        "resources": {"actor_num_cpus": 0.25, "actor_env": {KEY_ENV: "${" + KEY_ENV + "}"}},
+        "resources": {**TWO_ACTORS, "actor_env": {KEY_ENV: "${" + KEY_ENV + "}"}},
     }
     return expand_env({**config, **fields})  # the key reaches the actors as a reference (never written)
 
@@ -138,7 +141,7 @@ def rank_config(evol_dir: Path, output: Path, url: str, **fields) -> dict:
         "model": MODEL,
         "base_url": url,
         "api_key_env": KEY_ENV,
-        "resources": {"actor_num_cpus": 0.25, "actor_env": {KEY_ENV: "${" + KEY_ENV + "}"}},
+        "resources": {**TWO_ACTORS, "actor_env": {KEY_ENV: "${" + KEY_ENV + "}"}},
     }
     return expand_env({**config, **fields})
 
@@ -482,6 +485,7 @@ def test_injected_faults_are_retried_and_counted(complexity_run, pool, server, t
 def test_killed_client_actor_resumes_without_repeating_requests(complexity_run, pool, server, tmp_path):
     reset(server)
     config = evol_config(pool, tmp_path / "evol", server, concurrency=1)  # one request in flight at most
+    config["resources"].update(min_actors=1, max_actors=1)  # and one client actor: the one to kill
     # The actor stops right after its 7th request was answered and cached (in its first unit), and is
     # killed there; Ray restarts it and the unit is redone, its first requests from the cache.
     config["resources"]["actor_env"].update(pause_env("evol-request", 6, tmp_path / "pause"))
@@ -537,3 +541,45 @@ def test_run_config_wires_evol_then_rank(tmp_path):
                 "rank": {"kind": "quality", "model": MODEL, "base_url": "http://h/v1"},
             }
         )
+
+
+def test_server_actor_serves_an_openai_endpoint_on_the_cluster(ray_local, tmp_path):  # noqa: F811
+    """The launcher of jobs/evol_vllm_gpu.yaml: a Ray actor runs a server process on its node and answers
+    once /v1/models does (here the test server in place of vLLM), then stops it."""
+    from deita_ray.engines.chat_client import ChatClient, ChatEndpointConfig, RequestCache
+    from deita_ray.evol.vllm_server import start_server, vllm_command
+
+    command = [
+        sys.executable,
+        "-m",
+        "deita_ray.testing.openai_server",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "{port}",
+    ]
+    actor, url = start_server(command, num_gpus=0, num_cpus=0.25, timeout=120)
+    try:
+        assert url.startswith("http://") and url.endswith("/v1")
+        config = ChatEndpointConfig(model=MODEL, base_url=url)
+        client = ChatClient(config, RequestCache(str(tmp_path / "cache")))
+        (result,) = client.chat_all([config.request([("user", "hello there")], seed=1)])
+        assert result.ok and result.content
+    finally:
+        ray.get(actor.stop.remote())
+        ray.kill(actor)
+    assert vllm_command("m", "evol-llm", 2, ["--max-model-len=4096"])[1:] == [
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "m",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "{port}",
+        "--tensor-parallel-size",
+        "2",
+        "--served-model-name",
+        "evol-llm",
+        "--max-model-len=4096",
+    ]

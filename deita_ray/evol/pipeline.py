@@ -56,6 +56,7 @@ from deita_ray.evol.prompts import choose_method, evol_complexity_prompt, evol_q
 from deita_ray.evol.summary import EvolSummary
 from deita_ray.ingest.plan import Unit
 from deita_ray.ingest.read import (
+    CONVERSATION_TYPE,
     PLAN_DIR,
     REJECT_SCHEMA,
     REJECTS_DIR,
@@ -78,7 +79,6 @@ from deita_ray.runtime.units import (
     unit_summary_fields,
     unpack_unit_row,
 )
-from deita_ray.scoring.pipeline import CONVERSATION_TYPE
 
 logger = logging.getLogger("deita_ray")
 

@@ -48,7 +48,7 @@ from deita_ray.evol.pipeline import (
 from deita_ray.evol.prompts import RankingParseError, parse_ranking, rank_prompt, request_seed, stable_int
 from deita_ray.evol.summary import RankSummary
 from deita_ray.ingest.plan import Unit
-from deita_ray.ingest.read import PLAN_DIR, REJECTS_DIR, reject_record
+from deita_ray.ingest.read import CONVERSATION_TYPE, PLAN_DIR, REJECTS_DIR, reject_record
 from deita_ray.runtime import markers
 from deita_ray.runtime.faults import pause_point
 from deita_ray.runtime.ray_cluster import current_node_id
@@ -66,7 +66,6 @@ from deita_ray.runtime.units import (
     unit_summary_fields,
     unpack_unit_row,
 )
-from deita_ray.scoring.pipeline import CONVERSATION_TYPE
 from deita_ray.scoring.prompts import complexity_prompt, quality_prompt
 
 logger = logging.getLogger("deita_ray")
