@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -482,10 +483,7 @@ def shared_rate_limiter(config: ChatEndpointConfig, name: str) -> RateLimiterHan
     rpm, tpm = config.requests_per_minute, config.tokens_per_minute
     if rpm is None and tpm is None:
         return None
-    try:
-        import ray
-    except ImportError:  # pragma: no cover - ray is a base dependency
-        ray = None
+    ray = sys.modules.get("ray")  # not imported: not initialised either (and importing it takes seconds)
     if ray is None or not ray.is_initialized():
         return LocalRateLimiter(TokenBuckets(rpm, tpm))
     actor = (
