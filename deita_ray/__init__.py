@@ -1,8 +1,8 @@
 """deita_ray: Deita instruction-data selection (score → embed → select → train) at cluster scale on Ray.
 
-The Python API mirrors the CLI: `score`, `embed`, `select` (one stage each) and `run` (the registered
-stages chained under one run directory). Each returns the stage's typed summary (`.to_dict()` is the
-JSON file it also writes).
+The Python API mirrors the CLI: `score`, `embed`, `select`, `evol`, `rank` (one stage each) and `run`
+(the registered stages chained under one run directory). Each returns the stage's typed summary
+(`.to_dict()` is the JSON file it also writes).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from deita_ray.embedding.config import (
     VLLMEmbedderConfig,
 )
 from deita_ray.embedding.summary import EmbedSummary
+from deita_ray.evol.config import EvolConfig, RankConfig
+from deita_ray.evol.summary import EvolSummary, RankSummary
 from deita_ray.pipeline import RunConfig, RunSummary
 from deita_ray.scoring.config import (
     OpenAIBackendConfig,
@@ -33,8 +35,12 @@ __all__ = [
     "CausalLMEmbedderConfig",
     "EmbedConfig",
     "EmbedSummary",
+    "EvolConfig",
+    "EvolSummary",
     "LocalIndexConfig",
     "OpenAIBackendConfig",
+    "RankConfig",
+    "RankSummary",
     "RayIndexConfig",
     "ResourcesConfig",
     "RunConfig",
@@ -48,6 +54,8 @@ __all__ = [
     "VLLMBackendConfig",
     "VLLMEmbedderConfig",
     "embed",
+    "evol",
+    "rank",
     "run",
     "score",
     "select",
@@ -95,6 +103,30 @@ def select(config: SelectConfig | dict[str, Any] | None = None, **fields: Any) -
     from deita_ray.selection.pipeline import run_select
 
     return run_select(_validated(SelectConfig, config, fields))
+
+
+def evol(config: EvolConfig | dict[str, Any] | None = None, **fields: Any) -> EvolSummary:
+    """Evolve the seeds of a pool (Evol-Complexity or Evol-Quality) through an OpenAI-compatible
+    endpoint; the same as `deita-ray evol`. Returns the summary (also in OUTPUT/summary.json).
+
+    Example: ``deita_ray.evol(input=["seeds.jsonl"], output="runs/evol", kind="complexity", rounds=5,
+    model="gpt-4o-mini", base_url="https://api.openai.com/v1", api_key_env="OPENAI_API_KEY")``
+    """
+    from deita_ray.evol.pipeline import run_evol
+
+    return run_evol(_validated(EvolConfig, config, fields))
+
+
+def rank(config: RankConfig | dict[str, Any] | None = None, **fields: Any) -> RankSummary:
+    """Rank and score the variants of each evolved seed and write the scorer training set; the same as
+    `deita-ray rank`. Returns the summary (also in OUTPUT/summary.json).
+
+    Example: ``deita_ray.rank(input=["runs/evol/evolved"], output="runs/rank", kind="complexity",
+    model="gpt-4o-mini", base_url="https://api.openai.com/v1")``
+    """
+    from deita_ray.evol.rank import run_rank
+
+    return run_rank(_validated(RankConfig, config, fields))
 
 
 def run(config: RunConfig | dict[str, Any]) -> RunSummary:

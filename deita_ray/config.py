@@ -220,6 +220,17 @@ def url_secrets(url: str) -> list[str]:
     return sorted({c for c in candidates if len(c) >= 4}, key=len, reverse=True)
 
 
+def check_env_name(value: str) -> str:
+    """An `api_key_env`-style field: the NAME of an environment variable, never a secret itself. The
+    message never quotes the value: a key pasted there by mistake must not reach the terminal."""
+    if not ENV_NAME.fullmatch(value):
+        raise ValueError(
+            "must be the NAME of the environment variable holding the key (letters, digits and _, "
+            "e.g. OPENAI_API_KEY), never the key itself"
+        )
+    return value
+
+
 def as_written(data: Any) -> Any:
     """A JSON-like value (a config's `model_dump(mode="json")`) as it may be written or logged: every
     string that came from a `${VAR}` expansion is put back as written (the reference, not the value)

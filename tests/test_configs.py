@@ -24,6 +24,7 @@ JOB_KINDS = {"score_": (ScoreConfig, "python -m deita_ray.cli score --config"),
              "embed_": (EmbedConfig, "python -m deita_ray.cli embed --config"),
              "select_": (SelectConfig, "python -m deita_ray.cli select --config"),
              "pipeline_": (RunConfig, "deita-ray run"),
+             "evol_": (RunConfig, "deita-ray run"),
              "train_sft_": (SFTConfig, "python -m deita_ray.cli train sft --config"),
              "train_dpo_": (DPOConfig, "python -m deita_ray.cli train dpo --config")}
 JOB_CONFIGS = sorted(p for p in JOBS.glob("*.yaml") if p.name != "runtime_env.yaml")
@@ -64,11 +65,16 @@ def test_shipped_job_configs_validate(path, tmp_path, monkeypatch):
         (tmp_path / name).mkdir()
         monkeypatch.setenv(name, str(tmp_path / name))
     config = config_class.model_validate(load_yaml(path))
-    if isinstance(config, RunConfig):
+    if isinstance(config, RunConfig) and "score" in config.stage_names():
         stage_configs = config.stage_configs()
         score, embed, select = (stage_configs[name] for name in ("score", "embed", "select"))
         assert score.input == config.input and embed.input == [f"{config.output}/score"]
         assert select.scores == [f"{config.output}/score"] and select.embeddings == [f"{config.output}/embed"]
+    if isinstance(config, RunConfig) and "evol" in config.stage_names():
+        stage_configs = config.stage_configs()
+        evol, rank = stage_configs["evol"], stage_configs["rank"]
+        assert evol.input == config.input and rank.input == [f"{config.output}/evol/evolved"]
+        assert evol.kind == rank.kind and evol.model == rank.model and evol.base_url == rank.base_url
     submits = [c for c in header_commands(path) if c.startswith("ray job submit")]
     assert submits, f"jobs/{path.name}: the header gives no `ray job submit` command"
     for submit in submits:
@@ -114,6 +120,20 @@ def test_pipeline_gpu_is_the_papers_setup():
     assert select.index.type == "ray"
     # Inside `ray job submit`, so that actors waiting for the autoscaler are not refused as infeasible.
     assert config.ray_address == "auto"
+
+
+def test_evol_jobs_keep_keys_out(monkeypatch):
+    """The hosted job names the key's variable (never a key); the vLLM job reads the server's URL from
+    the environment the launcher sets, and its header starts the server as a Ray actor."""
+    hosted = RunConfig.model_validate(load_yaml(JOBS / "evol_hosted.yaml")).stage_configs()
+    assert hosted["evol"].api_key_env == hosted["rank"].api_key_env == "OPENAI_API_KEY"
+    assert "sk-" not in (JOBS / "evol_hosted.yaml").read_text()
+    monkeypatch.setenv("DEITA_EVOL_BASE_URL", "http://10.0.0.5:8000/v1")
+    local = RunConfig.model_validate(load_yaml(JOBS / "evol_vllm_gpu.yaml")).stage_configs()
+    assert local["evol"].base_url == local["rank"].base_url == "http://10.0.0.5:8000/v1"
+    header = " ".join(header_commands(JOBS / "evol_vllm_gpu.yaml"))
+    assert "python -m deita_ray.evol.vllm_server --model" in header
+    assert "--served-model-name evol-llm" in header
 
 
 def test_runtime_env_ships_the_repository():

@@ -15,7 +15,6 @@ identity for resume.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -50,6 +49,7 @@ from deita_ray.runtime.units import (
     UnitStage,
     append_unit_row,
     finish_unit,
+    plan_shard_units,
     require_columns,
     run_unit_stage,
     tally_units,
@@ -95,46 +95,12 @@ def scored_input(config: EmbedConfig) -> str | None:
 def scored_fingerprint(scored_dir: str) -> str:
     """Short hash of the scoring config that made `scored_dir`: re-scoring it differently in place
     makes a resumed embed run refuse, instead of mixing embeddings of two scorings."""
-    fingerprint = io.read_json(f"{scored_dir}/config.json").get("fingerprint", {})
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    return markers.fingerprint_hash(scored_dir)
 
 
 def plan_scored_units(scored_dir: str) -> list[Unit]:
     """One unit per scored shard, with the shard's own unit id. Refuses an unfinished scoring run."""
-    files = io.list_files(f"{scored_dir}/{SCORED_DIR}", ".parquet")
-    done = markers.completed_units(scored_dir)
-    unit_ids = [path.rsplit("/", 1)[-1][: -len(".parquet")] for path in files]
-    planned = set(unit_ids)
-    plan_path = f"{scored_dir}/{PLAN_DIR}/plan.json"
-    if io.exists(plan_path):
-        planned |= {u["unit_id"] for u in io.read_json(plan_path)["units"]}
-    unfinished = sorted(planned - done)
-    if unfinished:
-        raise ValueError(
-            f"{scored_dir}: scoring is not finished ({len(planned) - len(unfinished)} of "
-            f"{len(planned)} units done, e.g. {unfinished[0]} is not); re-run `deita-ray score` "
-            "to finish it first"
-        )
-    if not files:
-        raise FileNotFoundError(f"{scored_dir}/{SCORED_DIR} holds no Parquet shards")
-    units = []
-    for index, (unit_id, path) in enumerate(zip(unit_ids, files, strict=True)):
-        fs, inner = io.filesystem(path)
-        with fs.open(inner, "rb") as handle:
-            n_rows = pq.ParquetFile(handle).metadata.num_rows
-        units.append(
-            Unit(
-                unit_id=unit_id,
-                file_index=index,
-                source_file=path,
-                read_path=path,
-                kind=SCORED_KIND,
-                format=SCORED_KIND,
-                first_row=0,
-                n_rows=n_rows,
-            )
-        )
-    return units
+    return plan_shard_units(scored_dir, SCORED_DIR, SCORED_KIND, "scoring", "deita-ray score")
 
 
 def plan_embed_units(config: EmbedConfig, scored_dir: str | None, files: list[str] | None) -> list[Unit]:

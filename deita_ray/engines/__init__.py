@@ -7,7 +7,10 @@ another stage, so stages stay independent of each other:
   and of a registered implementation (`registered_class`);
 * `hf`: transformers/torch loading (tokenizer, model context, device, dtype, threads, padded batches);
 * `vllm`: offline vLLM engine set-up and teardown;
-* `openai_client`: an OpenAI-compatible endpoint with retries, backoff and API-key handling;
+* `openai_client`: an OpenAI-compatible endpoint: retries, backoff, API-key handling and redaction,
+  and the `/v1/completions` client of the scorer backend;
+* `chat_client`: `/v1/chat/completions` with a request cache and a rate limiter shared by an actor
+  pool (Evol generation and ranking), built on `openai_client`;
 * `batching`: length-bucketed batching for padded forward passes.
 
 Nothing here imports torch, transformers, vLLM or openai at module import time.

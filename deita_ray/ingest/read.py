@@ -26,6 +26,8 @@ from deita_ray.ingest.records import Reject, RejectReason, escape_surrogates, no
 from deita_ray.runtime.units import require_columns, unit_row
 
 PLAN_DIR, REJECTS_DIR = "_plan", "rejects"
+# A canonical conversation as stages store it in Parquet (scored samples, evolved and ranked variants).
+CONVERSATION_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 REJECT_SCHEMA = pa.schema(
     [
         ("id", pa.string()),

@@ -1,10 +1,11 @@
 """Test-only fault injection: stop a process at a known point so that a test can kill it there.
 
 `pause_point(stage)` is called where a unit of work starts: per unit in the model actors ("score",
-"embed") and per chunk of the selection scan ("select", in the driver). It does nothing, at the cost
-of one lookup in `os.environ`, unless DEITA_RAY_TEST_PAUSE is set. The product never sets it; the
-fault-injection tests do, for actors through `resources.actor_env` and for a driver in the
-environment of the subprocess that runs it:
+"embed", "evol", "rank") and per chunk of the selection scan ("select", in the driver); the evol
+client actors also call it right after each request is answered and cached ("evol-request").
+It does nothing, at the cost of one lookup in `os.environ`, unless DEITA_RAY_TEST_PAUSE is set.
+The product never sets it; the fault-injection tests do, for actors through `resources.actor_env` and
+for a driver in the environment of the subprocess that runs it:
 
     DEITA_RAY_TEST_PAUSE=<stage>:<k>:<dir>
 

@@ -9,6 +9,8 @@ Layout under a stage directory DIR:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -34,6 +36,14 @@ def completed_units(root: str) -> set[str]:
 
 def read_markers(root: str) -> list[dict[str, Any]]:
     return [io.read_json(path) for path in io.list_files(f"{root}/{MARKER_DIR}", ".json")]
+
+
+def fingerprint_hash(root: str) -> str:
+    """Short hash of the result fingerprint ROOT was made with (its config.json): a downstream stage
+    keeps it in its own fingerprint, so redoing ROOT differently in place makes the downstream stage
+    refuse to resume instead of mixing the two."""
+    fingerprint = io.read_json(f"{root}/config.json").get("fingerprint", {})
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def write_unit(root: str, unit_id: str, tables: dict[str, pa.Table], counts: dict[str, Any]) -> None:

@@ -151,6 +151,7 @@ _BUILTIN_MODULES = (
     "deita_ray.scoring.stage",
     "deita_ray.embedding.stage",
     "deita_ray.selection.stage",
+    "deita_ray.evol.stage",
     "deita_ray.training.stage",
 )
 _loaded = False

@@ -183,6 +183,48 @@ def unit_pipeline(
         return ds.map(write_stage, **task_args)
 
 
+def plan_shard_units(stage_dir: str, folder: str, kind: str, what: str, command: str) -> list[Unit]:
+    """One unit per Parquet shard of an upstream stage's output (STAGE_DIR/FOLDER/<unit>.parquet), with
+    the shard's own unit id and `kind` (how the read stage reads it). Refuses an upstream run that is
+    not finished (WHAT names it in the message, COMMAND is how to finish it)."""
+    import pyarrow.parquet as pq
+
+    files = io.list_files(f"{stage_dir}/{folder}", ".parquet")
+    done = markers.completed_units(stage_dir)
+    unit_ids = [path.rsplit("/", 1)[-1][: -len(".parquet")] for path in files]
+    planned = set(unit_ids)
+    plan_path = f"{stage_dir}/_plan/plan.json"
+    if io.exists(plan_path):
+        planned |= {u["unit_id"] for u in io.read_json(plan_path)["units"]}
+    unfinished = sorted(planned - done)
+    if unfinished:
+        raise ValueError(
+            f"{stage_dir}: {what} is not finished ({len(planned) - len(unfinished)} of "
+            f"{len(planned)} units done, e.g. {unfinished[0]} is not); re-run `{command}` "
+            "to finish it first"
+        )
+    if not files:
+        raise FileNotFoundError(f"{stage_dir}/{folder} holds no Parquet shards")
+    units = []
+    for index, (unit_id, path) in enumerate(zip(unit_ids, files, strict=True)):
+        fs, inner = io.filesystem(path)
+        with fs.open(inner, "rb") as handle:
+            n_rows = pq.ParquetFile(handle).metadata.num_rows
+        units.append(
+            Unit(
+                unit_id=unit_id,
+                file_index=index,
+                source_file=path,
+                read_path=path,
+                kind=kind,
+                format=kind,
+                first_row=0,
+                n_rows=n_rows,
+            )
+        )
+    return units
+
+
 def finish_unit(
     output: str,
     unit: Unit,

@@ -8,13 +8,13 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 
 from deita_ray.config import (
-    ENV_NAME,
     DType,
     InputFormat,
     Paths,
     ResourcesConfig,
     StageConfig,
     StrictConfig,
+    check_env_name,
     result_field,
 )
 
@@ -87,13 +87,7 @@ class OpenAIBackendConfig(StrictConfig):
     @field_validator("api_key_env")
     @classmethod
     def _env_name(cls, value: str) -> str:
-        # The message never quotes the value: a key pasted here by mistake must not reach the terminal.
-        if not ENV_NAME.fullmatch(value):
-            raise ValueError(
-                "must be the NAME of the environment variable holding the key (letters, digits and _, "
-                "e.g. OPENAI_API_KEY), never the key itself"
-            )
-        return value
+        return check_env_name(value)
 
 
 class SyntheticBackendConfig(StrictConfig):

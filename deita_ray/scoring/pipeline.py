@@ -24,6 +24,7 @@ import pyarrow as pa
 from deita_ray import io
 from deita_ray.ingest.plan import Unit
 from deita_ray.ingest.read import (
+    CONVERSATION_TYPE,
     PLAN_DIR,
     REJECT_SCHEMA,
     REJECTS_DIR,
@@ -63,7 +64,6 @@ SCORED_COLUMNS = (
     "source_row",
     "source_format",
 )
-CONVERSATION_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
 class ScoreStage:
