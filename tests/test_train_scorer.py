@@ -99,8 +99,13 @@ def test_example_is_the_scoring_prompt_then_the_digit(tiny_llama: Path, tokenize
 
     # The prompts are exactly those `deita-ray score` hands its backend (the long one cut in its middle).
     scorer = Scorer(
-        ScoreConfig(input=["-"], output=str(tmp_path / "o"), complexity_model=str(tiny_llama),
-                    quality_model=str(tiny_llama), backend="synthetic")
+        ScoreConfig(
+            input=["-"],
+            output=str(tmp_path / "o"),
+            complexity_model=str(tiny_llama),
+            quality_model=str(tiny_llama),
+            backend="synthetic",
+        )
     )
     scorer.setup()
     seen: list[list[int]] = []
@@ -108,14 +113,19 @@ def test_example_is_the_scoring_prompt_then_the_digit(tiny_llama: Path, tokenize
     backend.digit_values = lambda prompts: seen.extend(map(list, prompts)) or [[0.0] * 6 for _ in prompts]
     conversations = [
         [{"role": "user", "content": i}, {"role": "assistant", "content": o}]
-        for i, o in [("Give three tips.", "Eat well. Sleep. Walk."), ("Say hi.", "Hi!"),
-                     (long_instruction, "Rayleigh scattering.")]
+        for i, o in [
+            ("Give three tips.", "Eat well. Sleep. Walk."),
+            ("Say hi.", "Hi!"),
+            (long_instruction, "Rayleigh scattering."),
+        ]
     ]
     results = scorer.score_samples(conversations, kinds=("quality",))
     assert [r.truncated for r in results] == [False, False, True]
     assert [e["input_ids"][:-1] for e in prepared.examples] == seen
     assert len(seen[2]) <= 511 and [e["input_ids"][-1] for e in prepared.examples] == [
-        digits.ids[3], digits.ids[5], digits.ids[0]
+        digits.ids[3],
+        digits.ids[5],
+        digits.ids[0],
     ]
 
     # Through TRL's collator and the model's label shift: one trained position, the prompt's last token,
@@ -145,8 +155,13 @@ def test_every_row_is_an_example_or_a_reject(tokenizer, tmp_path: Path) -> None:
         scorer_row("complexity", "7", "Sort a list."),  # bad_score
         scorer_row("complexity", "4.5", "Sort a list."),  # bad_score
         scorer_row("complexity", "", "Sort a list."),  # empty_field (an empty gpt turn)
-        {"kind": "complexity", "conversations": [{"from": "human", "value": "Rate: Sort a list."},
-                                                 {"from": "gpt", "value": "3"}]},  # not_a_scorer_prompt
+        {
+            "kind": "complexity",
+            "conversations": [
+                {"from": "human", "value": "Rate: Sort a list."},
+                {"from": "gpt", "value": "3"},
+            ],
+        },  # not_a_scorer_prompt
         {"kind": "complexity", "conversations": [{"from": "human", "value": complexity_prompt("a")}]},
         {"kind": "complexity", "conversations": [{"from": "gpt", "value": "3"}]},  # no_user_turn
         {"kind": 3, **{k: v for k, v in good.items() if k not in ("kind", "id")}},  # non_string_field
@@ -162,10 +177,21 @@ def test_every_row_is_an_example_or_a_reject(tokenizer, tmp_path: Path) -> None:
     complexity = prepare_scorer([str(data)], tokenizer, digits, "complexity", 512, "middle")
     reasons = {r["source_row"]: r["reason"] for r in complexity.rejects}
     assert reasons == {
-        1: "duplicate_id", 2: "wrong_kind", 3: "wrong_kind", 4: "bad_score", 5: "bad_score",
-        6: "empty_field", 7: "not_a_scorer_prompt", 8: "bad_role_order", 9: "no_user_turn",
-        10: "non_string_field", 11: "empty_field", 12: "missing_field", 13: "unparseable",
-        15: "wrong_kind", 16: "wrong_kind",
+        1: "duplicate_id",
+        2: "wrong_kind",
+        3: "wrong_kind",
+        4: "bad_score",
+        5: "bad_score",
+        6: "empty_field",
+        7: "not_a_scorer_prompt",
+        8: "bad_role_order",
+        9: "no_user_turn",
+        10: "non_string_field",
+        11: "empty_field",
+        12: "missing_field",
+        13: "unparseable",
+        15: "wrong_kind",
+        16: "wrong_kind",
     }
     assert len(complexity.examples) == 2 and complexity.rows == len(rows)  # rows 0 and 14 (it fits 512)
     assert reasons[1] == "duplicate_id" and complexity.rejects[0]["id"] == "ok"
@@ -218,14 +244,26 @@ def scorer_run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         for root in range(count // 6):
             for round_ in range(6):
                 score = rng.randint(1, 6)
-                out.append(scorer_row("complexity", str(score), marker_instruction(rng, score),
-                                      id=f"{prefix}{root}-complexity-{round_}", root_id=f"{prefix}{root}"))
+                out.append(
+                    scorer_row(
+                        "complexity",
+                        str(score),
+                        marker_instruction(rng, score),
+                        id=f"{prefix}{root}-complexity-{round_}",
+                        root_id=f"{prefix}{root}",
+                    )
+                )
         return out
 
-    write_jsonl(rank / "scorer_data.jsonl", [
-        *rows(TRAIN_ROWS, "t"), scorer_row("quality", "3", "a", "b"), scorer_row("complexity", "9", "a"),
-        "{not json",
-    ])
+    write_jsonl(
+        rank / "scorer_data.jsonl",
+        [
+            *rows(TRAIN_ROWS, "t"),
+            scorer_row("quality", "3", "a", "b"),
+            scorer_row("complexity", "9", "a"),
+            "{not json",
+        ],
+    )
     write_jsonl(rank / "scorer_data_dev.jsonl", [*rows(DEV_ROWS, "d"), scorer_row("complexity", "0", "a")])
     output = tmp_path_factory.mktemp("scorer") / "out"
     start_local_ray()
@@ -262,9 +300,8 @@ def test_scorer_learns_the_rule(scorer_run: Path) -> None:
     assert (scorer_run / "model" / "tokenizer.json").exists()
 
 
-def test_trained_model_scores_through_deita_ray_score(
-    ray_local, scorer_run: Path, tmp_path: Path  # noqa: F811
-) -> None:
+@pytest.mark.usefixtures("ray_local")
+def test_trained_model_scores_through_deita_ray_score(scorer_run: Path, tmp_path: Path) -> None:
     """The held-out variants, scored by `deita-ray score` with the trained model as complexity scorer,
     get exactly the dev evaluation's expected scores."""
     from deita_ray import cli
@@ -273,14 +310,51 @@ def test_trained_model_scores_through_deita_ray_score(
     dev = [json.loads(line) for line in (scorer_run / "dev_scores.jsonl").read_text().splitlines()][:8]
     rows = [json.loads(line) for line in Path(summary["dev"]["files"][0]).read_text().splitlines()]
     prompts = {row.get("id"): row["conversations"][0]["value"] for row in rows}
-    pool = write_jsonl(tmp_path / "pool.jsonl", [
-        {"id": d["id"], "instruction": prompt_fields("complexity", prompts[d["id"]])[0][0], "output": "-"}
-        for d in dev
-    ])
+    pool = write_jsonl(
+        tmp_path / "pool.jsonl",
+        [
+            {"id": d["id"], "instruction": prompt_fields("complexity", prompts[d["id"]])[0][0], "output": "-"}
+            for d in dev
+        ],
+    )
     model = str(scorer_run / "model")
-    code = cli.main(["score", "--input", str(pool), "--output", str(tmp_path / "scored"),
-                     "--complexity-model", model, "--quality-model", model, "--num-cpus", "0.5"])
+    code = cli.main(
+        [
+            "score",
+            "--input",
+            str(pool),
+            "--output",
+            str(tmp_path / "scored"),
+            "--complexity-model",
+            model,
+            "--quality-model",
+            model,
+            "--num-cpus",
+            "0.5",
+        ]
+    )
     assert code == 0
-    scored = {r["id"]: r["complexity_scores"][0]
-              for r in pq.read_table(tmp_path / "scored" / "scored").to_pylist()}
+    scored = {
+        r["id"]: r["complexity_scores"][0] for r in pq.read_table(tmp_path / "scored" / "scored").to_pylist()
+    }
     assert scored == pytest.approx({d["id"]: d["predicted"] for d in dev}, abs=1e-5)
+
+
+def test_run_section_reads_the_rankings_scorer_data(tiny_llama: Path) -> None:
+    from deita_ray.pipeline import RunConfig
+
+    run = RunConfig.model_validate(
+        {
+            "input": ["pool.jsonl"],
+            "output": "runs/r",
+            "train": {"scorer": {"kind": "quality", "model": str(tiny_llama)}},
+        }
+    )
+    config = run.stage_config("scorer")
+    assert config.data == ["runs/r/rank/scorer_data.jsonl"] and config.output == "runs/r/scorer"
+    assert (config.epochs, config.learning_rate, config.lr_scheduler, config.warmup_ratio) == (
+        6,
+        2e-5,
+        "cosine",
+        0.1,
+    )

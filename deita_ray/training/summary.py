@@ -57,9 +57,7 @@ class ScorerSummary(TrainSummary):
     """`deita-ray train scorer`: training's summary plus how the trained scorer ranks the dev split."""
 
     score_kind: str  # complexity | quality
-    context: (
-        int  # the scorer context (prompt + digit) the prompts were fit into: score with this max_model_len
-    )
+    context: int  # the scorer context (prompt + digit) of training: score with this max_model_len
     digit_token_ids: list[int]  # the ids of "1".."6" trained (what `deita-ray score` derives)
     # Spearman correlation (ties averaged) of the expected scores with the ranking scores on the dev
     # rows; None without dev data (or when either side is constant).
@@ -67,9 +65,12 @@ class ScorerSummary(TrainSummary):
     dev_rows: int  # dev rows scored (dev["rejected"] could not be)
     dev: dict[str, Any]  # files, rows, rejected (by reason), truncated, mean_abs_error, scores (per row)
 
-    def line(self) -> str:
+    def dev_line(self) -> str:
         rho = "n/a" if self.dev_spearman is None else f"{self.dev_spearman:.3f}"
-        return f"{super().line()}, dev Spearman {rho} on {self.dev_rows} rows"
+        return f"dev Spearman {rho} on {self.dev_rows} rows"
+
+    def line(self) -> str:
+        return f"{super().line()}, {self.dev_line()}"
 
     def report_lines(self) -> list[str]:
         lines = super().report_lines()
@@ -85,6 +86,4 @@ class ScorerSummary(TrainSummary):
         return {f"{self.score_kind}_scorer": self.model, "dev_spearman": self.dev_spearman}
 
     def run_report_lines(self) -> list[str]:
-        return [
-            f"{self.score_kind} scorer: {self.model} (dev Spearman {self.line().rsplit('Spearman ', 1)[1]})"
-        ]
+        return [f"{self.score_kind} scorer: {self.model} ({self.dev_line()})"]
