@@ -230,11 +230,27 @@ def test_dev_split_default_and_overlap(tmp_path: Path) -> None:
 # --- the loop: train, evaluate, score ----------------------------------------------------------------
 
 
+def scorer_fields(rank: Path, model: Path, output: Path) -> dict:
+    return {
+        "data": str(rank / "scorer_data.jsonl"),
+        "kind": "complexity",
+        "model": str(model),
+        "output": str(output),
+        "num_workers": 1,
+        "per_device_batch_size": 16,
+        "gradient_accumulation_steps": 1,
+        "epochs": 2,
+        "learning_rate": 3e-3,
+        "save_steps": 1000,
+        "seed": 0,
+    }
+
+
 @pytest.fixture(scope="module")
 def scorer_run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Train the tiny complexity scorer on the marker rule: RANK/scorer_data.jsonl (+ 3 bad rows) and
-    its dev split RANK/scorer_data_dev.jsonl (+ 1 bad row), found by default."""
-    import deita_ray
+    its dev split RANK/scorer_data_dev.jsonl (+ 1 bad row), found by default; through the CLI."""
+    from deita_ray import cli
 
     rng = random.Random(0)
     rank = tmp_path_factory.mktemp("rank")
@@ -267,23 +283,14 @@ def scorer_run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     write_jsonl(rank / "scorer_data_dev.jsonl", [*rows(DEV_ROWS, "d"), scorer_row("complexity", "0", "a")])
     output = tmp_path_factory.mktemp("scorer") / "out"
     start_local_ray()
-    deita_ray.train_scorer(
-        data=[str(rank / "scorer_data.jsonl")],
-        kind="complexity",
-        model=str(tiny_llama),
-        output=str(output),
-        num_workers=1,
-        per_device_batch_size=16,
-        gradient_accumulation_steps=1,
-        epochs=2,
-        learning_rate=3e-3,
-        save_steps=1000,
-        seed=0,
-    )
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in scorer_fields(rank, tiny_llama, output).items()]
+    assert cli.main(["train", "scorer", *flags]) == 0
     return output
 
 
-def test_scorer_learns_the_rule(scorer_run: Path) -> None:
+def test_scorer_learns_the_rule(scorer_run: Path, tiny_llama: Path) -> None:
+    import deita_ray
+
     summary = json.loads((scorer_run / "summary.json").read_text())
     assert summary["kind"] == "scorer" and summary["score_kind"] == "complexity"
     assert summary["data"]["examples"] == TRAIN_ROWS and summary["data"]["rows"] == TRAIN_ROWS + 3
@@ -296,8 +303,10 @@ def test_scorer_learns_the_rule(scorer_run: Path) -> None:
     assert len(rejects) == 4 and sum(r["source_file"].endswith("_dev.jsonl") for r in rejects) == 1
     dev = [json.loads(line) for line in (scorer_run / "dev_scores.jsonl").read_text().splitlines()]
     assert len(dev) == DEV_ROWS and all(1.0 <= d["predicted"] <= 6.0 for d in dev)
-    # The tokenizer is the base model's (no chat template forced on it).
-    assert (scorer_run / "model" / "tokenizer.json").exists()
+    # The Python API, same fields: the finished output is not retrained.
+    rank = Path(summary["dev"]["files"][0]).parent
+    again = deita_ray.train_scorer(**scorer_fields(rank, tiny_llama, scorer_run))
+    assert again.dev_spearman == summary["dev_spearman"] and again.to_dict() == summary
 
 
 @pytest.mark.usefixtures("ray_local")

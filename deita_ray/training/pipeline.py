@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -175,18 +176,16 @@ def run_train(config: TrainConfig) -> TrainSummary:
         return summary
 
 
+@dataclass
 class _ScorerRun:
     """What `train scorer` adds to training: its examples (the scoring stage's prompt ids + the score
     digit), the dev split, and after training the dev evaluation (deita_ray/training/scorer_eval.py)."""
 
-    def __init__(self, config: ScorerConfig, prepared: Any, dev: Any, context: int, digits: Any) -> None:
-        self.config, self.prepared, self.dev, self.context, self.digits = (
-            config,
-            prepared,
-            dev,
-            context,
-            digits,
-        )
+    config: ScorerConfig
+    prepared: Any  # training/data.py: Prepared
+    dev: Any  # training/scorer_eval.py: DevSet
+    context: int  # the scorer context the prompts were fit into (`deita-ray score --max-model-len`)
+    digits: Any  # scoring/prompts.py: DigitTokens
 
     @classmethod
     def start(cls, config: ScorerConfig, tokenizer: Any) -> _ScorerRun:

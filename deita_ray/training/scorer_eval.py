@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import posixpath
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,7 +69,9 @@ class DevSet:
 
     def evaluate(self, config: ScorerConfig, model: str, context: int) -> dict[str, Any]:
         """Score the dev rows with `model`, write DEV_SCORES, and return the summary's dev fields."""
+        started = time.perf_counter()
         results = score_dev(config, model, context, [row.conversation() for row in self.rows])
+        seconds = time.perf_counter() - started
         for row, (value, truncated, reject) in zip(self.rows, results, strict=True):
             if reject is None and truncated and len(row.readings) > 1:
                 reject = (AMBIGUOUS_PROMPT, "the prompt was cut and its text holds the template's separator")
@@ -102,6 +105,7 @@ class DevSet:
                     else None
                 ),
                 "scores": path,
+                "seconds": round(seconds, 2),  # the evaluation task: start, model load, scoring
             },
         }
 
