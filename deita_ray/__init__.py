@@ -60,6 +60,7 @@ __all__ = [
     "score",
     "select",
     "train_dpo",
+    "train_scorer",
     "train_sft",
 ]
 
@@ -164,3 +165,16 @@ def train_dpo(config: Any = None, **fields: Any) -> Any:
     from deita_ray.training.pipeline import run_train
 
     return run_train(_validated(DPOConfig, config, fields))
+
+
+def train_scorer(config: Any = None, **fields: Any) -> Any:
+    """Train a Deita complexity or quality scorer on Ray Train; the same as `deita-ray train scorer`.
+    Returns the summary, with the dev split's Spearman correlation (also in OUTPUT/summary.json).
+
+    Example: ``deita_ray.train_scorer(data=["runs/rank/scorer_data.jsonl"], kind="complexity", model=M,
+    output="runs/scorer")``; then ``deita_ray.score(..., complexity_model="runs/scorer/model")``.
+    """
+    from deita_ray.training.config import ScorerConfig
+    from deita_ray.training.pipeline import run_train
+
+    return run_train(_validated(ScorerConfig, config, fields))

@@ -16,7 +16,7 @@ from deita_ray.embedding.config import EmbedConfig
 from deita_ray.pipeline import RunConfig
 from deita_ray.scoring.config import ScoreConfig
 from deita_ray.selection.config import SelectConfig
-from deita_ray.training.config import DPOConfig, SFTConfig
+from deita_ray.training.config import DPOConfig, ScorerConfig, SFTConfig
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 # jobs/<prefix>*.yaml → the config class it holds and the command its header submits.
@@ -26,7 +26,8 @@ JOB_KINDS = {"score_": (ScoreConfig, "python -m deita_ray.cli score --config"),
              "pipeline_": (RunConfig, "deita-ray run"),
              "evol_": (RunConfig, "deita-ray run"),
              "train_sft_": (SFTConfig, "python -m deita_ray.cli train sft --config"),
-             "train_dpo_": (DPOConfig, "python -m deita_ray.cli train dpo --config")}
+             "train_dpo_": (DPOConfig, "python -m deita_ray.cli train dpo --config"),
+             "train_scorer_": (ScorerConfig, "python -m deita_ray.cli train scorer --config")}
 JOB_CONFIGS = sorted(p for p in JOBS.glob("*.yaml") if p.name != "runtime_env.yaml")
 SUBMIT = "ray job submit --address http://127.0.0.1:8265 --runtime-env jobs/runtime_env.yaml --"
 

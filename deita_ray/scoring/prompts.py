@@ -31,6 +31,37 @@ def quality_prompt(instruction: str, output: str) -> str:
     return QUALITY_TEMPLATE.format(instruction=instruction, output=output)
 
 
+# Score kind → the function filling its template (its fields: (instruction,) or (instruction, output)).
+PROMPTS = {"complexity": complexity_prompt, "quality": quality_prompt}
+
+
+def prompt_fields(kind: str, text: str) -> list[tuple[str, ...]]:
+    """The inverse of the kind's template: every field tuple that fills it to exactly `text` ([] when
+    `text` is not that template filled in). A complexity prompt has one reading; a quality prompt has
+    more than one only when its instruction or response itself holds the template's
+    "\n#Response#:\n" separator."""
+    template = COMPLEXITY_TEMPLATE if kind == "complexity" else QUALITY_TEMPLATE
+    names = ("{instruction}", "{output}") if kind == "quality" else ("{instruction}",)
+    prefix, rest = template.split(names[0])
+    separators = []
+    for name in names[1:]:
+        separator, rest = rest.split(name)
+        separators.append(separator)
+    suffix = rest
+    if not (text.startswith(prefix) and text.endswith(suffix)) or len(text) < len(prefix) + len(suffix):
+        return []
+    inner = text[len(prefix) : len(text) - len(suffix)]
+    if not separators:
+        return [(inner,)]
+    (separator,) = separators
+    readings = []
+    start = inner.find(separator)
+    while start >= 0:
+        readings.append((inner[:start], inner[start + len(separator) :]))
+        start = inner.find(separator, start + 1)
+    return readings
+
+
 def expected_score(digit_logits: Sequence[float]) -> float:
     """Σ k·p_k over the softmax of the six digit logits (or log-probs: softmax is shift-invariant).
 

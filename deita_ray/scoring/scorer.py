@@ -95,6 +95,13 @@ def encode_prompt(
     )
 
 
+def scorer_context(model: str, max_model_len: int | None) -> int:
+    """The scorer context in tokens (prompt + the digit): `max_model_len`, else the model's
+    max_position_embeddings capped at DEFAULT_MAX_MODEL_LEN (the released scorers' context). Training a
+    scorer (`deita-ray train scorer`) fits its prompts by the same rule."""
+    return max_model_len or min(model_context_length(model) or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+
+
 @dataclass
 class SampleScores:
     """Scores of one sample, or why it has none."""
@@ -122,9 +129,7 @@ class Scorer:
         for model in dict.fromkeys([self.config.complexity_model, self.config.quality_model]):
             tokenizer = load_tokenizer(self.config.tokenizer or model)
             digits = derive_digit_tokens(tokenizer, self.config.digit_token_ids)
-            max_len = self.config.max_model_len or min(
-                model_context_length(model) or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN
-            )
+            max_len = scorer_context(model, self.config.max_model_len)
             backend = backend_class(self.config.backend.type)(
                 model,
                 self.config.backend,
@@ -144,7 +149,11 @@ class Scorer:
         self._backends.clear()
 
     # --- scoring ---------------------------------------------------------------------------------
-    def score_samples(self, conversations: Sequence[list[dict[str, str]]]) -> list[SampleScores]:
+    def score_samples(
+        self, conversations: Sequence[list[dict[str, str]]], kinds: Sequence[str] = ("complexity", "quality")
+    ) -> list[SampleScores]:
+        """Scores of each conversation. `kinds` limits the score types computed (a trained scorer's dev
+        evaluation needs one); the evol score needs both, and is None otherwise."""
         results = [SampleScores() for _ in conversations]
         # Explode: one prompt per (sample, turn, score type), grouped by scorer model.
         jobs: dict[str, list[tuple[int, str, int, list[int]]]] = {}
@@ -152,6 +161,7 @@ class Scorer:
             (self.config.complexity_model, "complexity", complexity_prompt, lambda pair: (pair[0],)),
             (self.config.quality_model, "quality", quality_prompt, lambda pair: pair),
         ]
+        plan = [step for step in plan if step[1] in kinds]
         for sample_index, turns in enumerate(conversations):
             result = results[sample_index]
             pairs = scoring_pairs(turns)
@@ -186,7 +196,7 @@ class Scorer:
                     continue
                 getattr(result, kind)[turn] = score
         for result in results:
-            if result.reject is None:
+            if result.reject is None and len(plan) == 2:
                 pairs = zip(result.complexity, result.quality, strict=True)
                 result.evol = float(sum(c * q for c, q in pairs))
         return results

@@ -161,3 +161,60 @@ class DPOConfig(TrainConfig):
         description="Compute the reference log-probs once before training (then the reference model is not "
         "kept in memory); cached under OUTPUT/cache keyed by the reference weights and the data.",
     )
+
+
+class ScorerConfig(TrainConfig):
+    """`deita-ray train scorer`: fine-tune a causal LM into a Deita complexity or quality scorer on the
+    `rank` stage's scorer data (ShareGPT rows: the scorer prompt, then the score "1".."6").
+
+    Each example is exactly what `deita-ray score` feeds the model — the prompt tokenized as the scoring
+    stage tokenizes it (BOS added, no chat template, no role tags, an over-long prompt cut in its middle
+    by the scoring stage's rule) — followed by the score's digit token, the one label trained: the
+    next-token logits after the prompt learn the score, which is what the scoring stage reads. No EOS is
+    appended: nothing after the digit is ever read. Defaults: the paper's scorer recipe (6 epochs, lr
+    2e-5, cosine, warm-up 0.1; its global batch of 512 was for ~6K rows on many GPUs, the default here
+    is 32 per worker)."""
+
+    kind: Literal["complexity", "quality"] = result_field(
+        ..., description="The score the model learns: rows of the other kind are rejected (wrong_kind)."
+    )
+    dev_data: Paths | None = result_field(
+        None,
+        description="Held-out scorer data (split by root_id): after training, the trained scorer's "
+        "expected scores on it and their Spearman correlation with the ranking scores go to "
+        "summary.json. Default: the sibling scorer_data_dev.jsonl of each data file, where it exists "
+        "(looked up when the run starts); an empty list: no dev evaluation.",
+    )
+    chat_template: Literal["none"] = result_field(
+        "none",
+        description="Scorers see the bare scorer prompt (no chat template, no role tags), as `deita-ray "
+        "score` sends it: the only value is 'none'.",
+    )
+    max_length: int | None = result_field(  # type: ignore[assignment]
+        None,
+        gt=16,
+        description="Scorer context in tokens (prompt + the score digit), as `deita-ray score "
+        "--max-model-len`. Default: the scoring stage's default (the model's max_position_embeddings, "
+        "capped at 2048), so the trained scorer is scored on the prompts it was trained on.",
+    )
+    truncation: Literal["middle", "reject"] = result_field(  # type: ignore[assignment]
+        "middle",
+        description="A prompt longer than the context: 'middle' cuts the middle of its instruction/"
+        "response by the scoring stage's rule (template intact); 'reject' writes it to rejects/ "
+        "(too_long), as `deita-ray score --truncation` does.",
+    )
+    per_device_batch_size: int = result_field(8, gt=0, description="Samples per worker per micro-batch.")
+    gradient_accumulation_steps: int = result_field(4, gt=0, description="Micro-batches per optimizer step.")
+    epochs: float = result_field(
+        6.0, gt=0, description="Passes over the data (ignored when max_steps is set)."
+    )
+    learning_rate: float = result_field(2e-5, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = result_field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
+    warmup_ratio: float = result_field(0.1, ge=0, lt=1, description="Fraction of the steps spent warming up.")
+    dev_batch_size: int = Field(
+        16,
+        gt=0,
+        description="Prompts per forward pass of the dev evaluation (the scoring stage's batch_size).",
+    )

@@ -8,6 +8,10 @@ DPO rows come in three shapes, normalised to (prompt turns, chosen reply, reject
     {chosen: [...], rejected: [...]}        UltraFeedback-binarized: two whole conversations sharing
                                             the prompt (an optional `prompt` string is ignored)
     {conversations, chosen, rejected}       ShareGPT prompt turns + {from: gpt, value} replies
+Scorer rows (the `rank` stage's scorer_data.jsonl) are ShareGPT: one human turn holding the complexity or
+quality scorer prompt, filled in, and one gpt turn holding the score "1".."6"; `kind` (optional) names
+the prompt's kind. An example is the prompt tokenized exactly as `deita-ray score` tokenizes it, then the
+score's digit token, the only label.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +37,7 @@ from deita_ray.ingest.records import (
     check_value,
     normalize_row,
 )
+from deita_ray.scoring.prompts import PROMPTS, SCORE_DIGITS, DigitTokens, prompt_fields
 from deita_ray.training.chat import ChatTemplate, TemplateError
 
 # Reasons specific to training (values written to rejects/).
@@ -40,6 +46,13 @@ NO_ASSISTANT_TURN = "no_assistant_turn"  # an instruction without any reply
 PROMPT_TOO_LONG = "prompt_too_long"  # no reply token fits within max_length
 TOO_LONG = RejectReason.TOO_LONG.value  # longer than max_length with truncation: reject
 UNRENDERABLE = "unrenderable"  # the chat template cannot render this conversation
+# Scorer data.
+WRONG_KIND = "wrong_kind"  # a quality row when training a complexity scorer, or the reverse
+BAD_SCORE = "bad_score"  # the gpt turn is not one of "1".."6"
+NOT_A_SCORER_PROMPT = "not_a_scorer_prompt"  # the human turn is not the scorer template filled in
+# An over-long quality prompt whose instruction/response holds the template's own separator: where the
+# scoring stage would cut it depends on which part is the instruction, which the text cannot tell.
+AMBIGUOUS_PROMPT = "ambiguous_prompt"
 
 
 @dataclass
@@ -66,9 +79,10 @@ class Prepared:
             "tokens": self.tokens,
         }
 
-    def write_rejects(self, output: str) -> str:
+    def write_rejects(self, output: str, more: Sequence[dict[str, Any]] = ()) -> str:
+        """OUTPUT/rejects/rejects.parquet: these rejects, then `more` (e.g. a scorer's dev rows)."""
         path = f"{output}/rejects/rejects.parquet"
-        table = pa.Table.from_pylist(self.rejects, schema=REJECT_SCHEMA)
+        table = pa.Table.from_pylist([*self.rejects, *more], schema=REJECT_SCHEMA)
         io.atomic_write_bytes(path, io.table_to_parquet_bytes(table))
         return path
 
@@ -337,5 +351,158 @@ def prepare_dpo(
         prepared.examples.append(
             {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
         )
+    prepared.files = file_fingerprints(patterns)
+    return prepared
+
+
+# --- scorer data ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScorerRow:
+    """One usable scorer-data row: its score and the fields that fill its prompt (more than one reading
+    only for a quality prompt whose text holds the template's separator)."""
+
+    id: str
+    root_id: str | None
+    score: int
+    readings: tuple[tuple[str, ...], ...]
+    source_file: str
+    source_row: int
+    raw: str
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The sample `deita-ray score` would score with this prompt (first reading)."""
+        fields = self.readings[0]
+        turns = [{"role": "user", "content": fields[0]}]
+        if len(fields) == 2:
+            turns.append({"role": "assistant", "content": fields[1]})
+        return turns
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Why a row cannot train the scorer (a reject's reason and message)."""
+
+    reason: str
+    message: str
+
+
+def parse_scorer_row(value: Any, kind: str) -> tuple[str, str | None, int, list[tuple[str, ...]]] | Refused:
+    """(id, root_id, score, readings) of a scorer row, or why it cannot train a `kind` scorer."""
+    record = normalize_row(value, "sharegpt")
+    if isinstance(record, Reject):
+        return Refused(record.reason.value, record.message)
+    turns = record["conversations"]
+    if [t["role"] for t in turns] != ["user", "assistant"]:
+        return Refused(
+            RejectReason.BAD_ROLE_ORDER.value,
+            f"a scorer row is one human turn (the prompt) and one gpt turn (the score); got roles "
+            f"{[t['role'] for t in turns]}",
+        )
+    row_kind = value.get("kind")
+    if row_kind is not None and not isinstance(row_kind, str):
+        return Refused(RejectReason.NON_STRING_FIELD.value, f"'kind' is {type(row_kind).__name__}")
+    other = "quality" if kind == "complexity" else "complexity"
+    if row_kind is not None and row_kind != kind:
+        return Refused(WRONG_KIND, f"kind {row_kind!r}, training a {kind} scorer")
+    score = turns[1]["content"].strip()
+    if score not in SCORE_DIGITS:
+        return Refused(BAD_SCORE, f"score {turns[1]['content'][:40]!r} is not one of 1..6")
+    readings = prompt_fields(kind, turns[0]["content"])
+    if not readings:
+        if prompt_fields(other, turns[0]["content"]):
+            return Refused(WRONG_KIND, f"the prompt is the {other} scorer's, training a {kind} scorer")
+        return Refused(NOT_A_SCORER_PROMPT, f"the human turn is not the {kind} scorer prompt filled in")
+    readings = [r for r in readings if r[0].strip()]
+    if not readings:  # `deita-ray score` never scores an empty instruction (ingestion rejects it)
+        return Refused(RejectReason.EMPTY_FIELD.value, "the prompt's instruction is empty")
+    root_id = value.get("root_id")
+    return record["id"], None if root_id is None else str(root_id), int(score), readings
+
+
+def read_scorer_rows(patterns: list[str], kind: str) -> tuple[list[ScorerRow], list[dict[str, Any]], int]:
+    """(usable rows, rejects, rows read) of scorer data files."""
+    usable: list[ScorerRow] = []
+    rejects: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    rows = 0
+    for path, row, raw, value, error in iter_rows(patterns):
+        rows += 1
+        if error is not None:
+            rejects.append(_reject(path, row, raw, RejectReason.UNPARSEABLE.value, error))
+            continue
+        parsed = parse_scorer_row(value, kind)
+        if isinstance(parsed, Refused):
+            sample_id = value.get("id") if isinstance(value, dict) else None
+            rejects.append(
+                _reject(
+                    path,
+                    row,
+                    raw,
+                    parsed.reason,
+                    parsed.message,
+                    sample_id if isinstance(sample_id, str) else None,
+                )
+            )
+            continue
+        sample_id, root_id, score, readings = parsed
+        if sample_id in seen:
+            rejects.append(
+                _reject(
+                    path,
+                    row,
+                    raw,
+                    RejectReason.DUPLICATE_ID.value,
+                    f"id {sample_id!r} first seen at {seen[sample_id]}",
+                    sample_id,
+                )
+            )
+            continue
+        seen[sample_id] = f"{path}:{row}"
+        usable.append(ScorerRow(sample_id, root_id, score, tuple(readings), path, row, raw))
+    return usable, rejects, rows
+
+
+def scorer_prompt_ids(
+    tokenizer: Any, kind: str, row: ScorerRow, limit: int, truncation: str
+) -> tuple[list[int], bool] | Refused:
+    """The prompt's token ids as `deita-ray score` makes them (context `limit` = max_model_len - 1) and
+    whether it was cut, or why it cannot be used."""
+    from deita_ray.scoring.scorer import PromptTooLong, encode_prompt
+
+    try:
+        ids, truncated = encode_prompt(tokenizer, PROMPTS[kind], row.readings[0], limit, truncation)
+    except PromptTooLong as exc:
+        return Refused(TOO_LONG if truncation == "reject" else PROMPT_TOO_LONG, str(exc))
+    if truncated and len(row.readings) > 1:
+        return Refused(
+            AMBIGUOUS_PROMPT,
+            (
+                f"the prompt needs cutting to {limit} tokens and its text holds the template's separator "
+                f"{len(row.readings)} times, so its instruction cannot be told from its response"
+            ),
+        )
+    return ids, truncated
+
+
+def prepare_scorer(
+    patterns: list[str], tokenizer: Any, digits: DigitTokens, kind: str, context: int, truncation: str
+) -> Prepared:
+    """Scorer examples: input_ids = the scoring stage's prompt ids + the score's digit id; labels = -100
+    but for that digit (the model's shift makes the logits after the prompt learn it)."""
+    rows, rejects, count = read_scorer_rows(patterns, kind)
+    prepared = Prepared(examples=[], rejects=rejects, rows=count)
+    for row in rows:
+        fitted = scorer_prompt_ids(tokenizer, kind, row, context - 1, truncation)  # one slot: the digit
+        if isinstance(fitted, Refused):
+            prepared.rejects.append(
+                _reject(row.source_file, row.source_row, row.raw, fitted.reason, fitted.message, row.id)
+            )
+            continue
+        ids, truncated = fitted
+        digit = digits.ids[row.score - 1]
+        prepared.truncated += truncated
+        prepared.examples.append({"input_ids": [*ids, digit], "labels": [-100] * len(ids) + [digit]})
     prepared.files = file_fingerprints(patterns)
     return prepared

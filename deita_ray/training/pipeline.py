@@ -1,4 +1,4 @@
-"""`deita-ray train sft|dpo`: the driver. Prepares the data (rejects written), launches Ray Train's
+"""`deita-ray train sft|dpo|scorer`: the driver. Prepares the data (rejects written), launches Ray Train's
 `TorchTrainer` with `training/recipe.py`, then writes the outputs:
 
     OUTPUT/config.json        the config that made it (a re-run with other result fields is refused)
@@ -9,7 +9,8 @@
                               after a resume)
     OUTPUT/rejects/           rows that could not be trained on, with a reason
     OUTPUT/loss.png           the loss (DPO: and reward margins / accuracy)
-    OUTPUT/summary.json       written last: the run is complete
+    OUTPUT/dev_scores.jsonl   (scorer) the trained scorer's expected score of each dev row
+    OUTPUT/summary.json       written last: the run is complete (scorer: with the dev Spearman)
     OUTPUT/checkpoints/       Ray Train's storage (default `storage_path`): checkpoints of every rank
 
 A re-run of the same command resumes from the latest checkpoint; a finished output is not retrained.
@@ -23,6 +24,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,8 +34,8 @@ from deita_ray import io
 from deita_ray.runtime.lock import output_lock
 from deita_ray.runtime.markers import changed_fields, claim_output
 from deita_ray.runtime.ray_cluster import check_fits, connect_ray, fit_problem, joined_cluster
-from deita_ray.training.config import DPOConfig, SFTConfig, TrainConfig
-from deita_ray.training.summary import TrainSummary
+from deita_ray.training.config import DPOConfig, ScorerConfig, SFTConfig, TrainConfig
+from deita_ray.training.summary import ScorerSummary, TrainSummary
 
 logger = logging.getLogger("deita_ray")
 OWNED = (
@@ -44,12 +47,19 @@ OWNED = (
     "summary.json",
     "checkpoints",
     "tokenizer",
+    "dev_scores.jsonl",
 )
 INSTALL_HINT = "pip install 'deita_ray[train]' (trl, deepspeed, peft, datasets)"
 
 
 def kind_of(config: TrainConfig) -> str:
+    if isinstance(config, ScorerConfig):
+        return "scorer"
     return "dpo" if isinstance(config, DPOConfig) else "sft"
+
+
+def summary_type(kind: str) -> type[TrainSummary]:
+    return ScorerSummary if kind == "scorer" else TrainSummary
 
 
 def worker_demand(config: TrainConfig) -> list[dict[str, float]]:
@@ -83,7 +93,8 @@ def run_name(config: TrainConfig) -> str:
 
 
 def check_config(config: TrainConfig) -> Any:
-    """Checks before any worker starts, naming the field. Returns the tokenizer and chat template."""
+    """Checks before any worker starts, naming the field. Returns the tokenizer and chat template (None
+    for a scorer: it sees the bare prompt)."""
     from deita_ray.config import check_model_reference
     from deita_ray.engines.deps import require
     from deita_ray.engines.hf import load_tokenizer
@@ -102,6 +113,8 @@ def check_config(config: TrainConfig) -> Any:
         if not torch.cuda.is_available() and not joined_cluster(config.ray_address):
             raise ValueError("use_gpu: this machine has no CUDA GPU (and no cluster was joined)")
     tokenizer = load_tokenizer(config.model)
+    if isinstance(config, ScorerConfig):
+        return tokenizer, None
     try:
         template = ChatTemplate(config.chat_template, tokenizer)
     except TemplateError as exc:
@@ -118,7 +131,7 @@ def run_train(config: TrainConfig) -> TrainSummary:
         if io.exists(f"{config.output}/summary.json") and not changed_fields(
             config.output, fingerprint, config.overwrite
         ):
-            return TrainSummary.model_validate(io.read_json(f"{config.output}/summary.json"))
+            return summary_type(kind).model_validate(io.read_json(f"{config.output}/summary.json"))
         joined = joined_cluster(config.ray_address)
         if not joined:  # the local Ray this process would start: refuse before starting it
             problem = fit_problem(f"train {kind}", worker_demand(config), [local_machine()])
@@ -127,27 +140,81 @@ def run_train(config: TrainConfig) -> TrainSummary:
                     f"{problem}; lower num_workers / cpus_per_worker or join a cluster (--ray-address)"
                 )
         tokenizer, template = check_config(config)
-        prepared = _prepare(config, kind, template)
+        scorer = _ScorerRun.start(config, tokenizer) if isinstance(config, ScorerConfig) else None
+        prepared = scorer.prepared if scorer else _prepare(config, kind, template)
         if not prepared.examples:
             raise ValueError(
                 f"data: no trainable example in {prepared.rows} rows (all rejected: "
                 f"{prepared.counts()['rejected_by_reason']}); see the reasons above"
             )
         claim_output(config.output, fingerprint, config.model_dump(mode="json"), config.overwrite, OWNED)
-        rejects_path = prepared.write_rejects(config.output)
+        rejects_path = prepared.write_rejects(config.output, scorer.dev.rejects if scorer else ())
 
         connect_ray(config.ray_address)
         check_fits(f"train {kind}", worker_demand(config), joined)
 
         # The tokenizer the workers load and the model ships: the chat template it was trained with.
         tokenizer_dir = f"{config.output}/tokenizer"
-        tokenizer.chat_template = template.jinja
+        if template is not None:
+            tokenizer.chat_template = template.jinja
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.save_pretrained(tokenizer_dir)
-        result, starts = _fit(config, kind, prepared, tokenizer_dir)
-        summary = _finish(config, kind, prepared, result, starts, tokenizer_dir, rejects_path, started)
+        max_length = scorer.context if scorer else config.max_length
+        result, starts = _fit(config, kind, prepared, tokenizer_dir, max_length)
+        summary = _finish(
+            config,
+            kind,
+            prepared,
+            result,
+            starts,
+            tokenizer_dir,
+            rejects_path,
+            started,
+            scorer.evaluate if scorer else None,
+        )
         return summary
+
+
+@dataclass
+class _ScorerRun:
+    """What `train scorer` adds to training: its examples (the scoring stage's prompt ids + the score
+    digit), the dev split, and after training the dev evaluation (deita_ray/training/scorer_eval.py)."""
+
+    config: ScorerConfig
+    prepared: Any  # training/data.py: Prepared
+    dev: Any  # training/scorer_eval.py: DevSet
+    context: int  # the scorer context the prompts were fit into (`deita-ray score --max-model-len`)
+    digits: Any  # scoring/prompts.py: DigitTokens
+
+    @classmethod
+    def start(cls, config: ScorerConfig, tokenizer: Any) -> _ScorerRun:
+        from deita_ray.scoring.prompts import derive_digit_tokens
+        from deita_ray.scoring.scorer import scorer_context
+        from deita_ray.training.data import prepare_scorer
+        from deita_ray.training.scorer_eval import DevSet
+
+        try:
+            digits = derive_digit_tokens(tokenizer)  # as `deita-ray score` will, from the same tokenizer
+        except ValueError as exc:
+            raise ValueError(f"model: {exc}") from None
+        context = scorer_context(config.model, config.max_length)
+        dev = DevSet.read(config)
+        prepared = prepare_scorer(config.data, tokenizer, digits, config.kind, context, config.truncation)
+        return cls(config, prepared, dev, context, digits)
+
+    def evaluate(self, model: str) -> dict[str, Any]:
+        """The summary's scorer fields; the dev rows the scorer could not score join the rejects."""
+        fields: dict[str, Any] = {
+            "score_kind": self.config.kind,
+            "context": self.context,
+            "digit_token_ids": list(self.digits.ids),
+        }
+        if not self.dev.rows:
+            return {**fields, "dev_spearman": None, "dev_rows": 0, "dev": self.dev.fields()}
+        found = self.dev.evaluate(self.config, os.path.abspath(model), self.context)
+        self.prepared.write_rejects(self.config.output, self.dev.rejects)
+        return {**fields, **found}
 
 
 def _prepare(config: TrainConfig, kind: str, template: Any) -> Any:
@@ -160,7 +227,7 @@ def _prepare(config: TrainConfig, kind: str, template: Any) -> Any:
     return prepare_dpo(config.data, template, config.max_length, config.max_prompt_length, config.truncation)
 
 
-def _fit(config: TrainConfig, kind: str, prepared: Any, tokenizer_dir: str) -> Any:
+def _fit(config: TrainConfig, kind: str, prepared: Any, tokenizer_dir: str, max_length: int) -> Any:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -182,6 +249,7 @@ def _fit(config: TrainConfig, kind: str, prepared: Any, tokenizer_dir: str) -> A
             "run_name": run_name(config),
             "cache_dir": os.path.abspath(f"{config.output}/cache"),
             "data_fingerprint": prepared.fingerprint(),
+            "max_length": max_length,
         },
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -212,6 +280,7 @@ def _finish(
     tokenizer_dir: str,
     rejects_path: str,
     started: float,
+    evaluate: Callable[[str], dict[str, Any]] | None = None,
 ) -> TrainSummary:
     from deita_ray.training.metrics import plot_metrics, read_metrics
     from deita_ray.training.recipe import FINAL
@@ -227,12 +296,13 @@ def _finish(
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(f"{out}/model")
+    extra = evaluate(f"{out}/model") if evaluate else {}  # before summary.json: it marks completion
     metrics = read_metrics(f"{out}/metrics.jsonl")
     plots = plot_metrics(metrics, f"{out}/loss.png", kind)
     wall = time.perf_counter() - started
     train_seconds = sum(m.get("seconds", 0.0) for m in metrics)
     tokens = sum(m.get("tokens", 0) for m in metrics)
-    summary = TrainSummary(
+    summary = summary_type(kind)(
         kind=kind,
         output=out,
         model=f"{out}/model",
@@ -253,6 +323,7 @@ def _finish(
         wall_time=str(timedelta(seconds=round(wall))),
         files={"metrics": f"{out}/metrics.jsonl", "rejects": rejects_path, "plot": plots},
         checkpoints=storage_of(config) + "/" + run_name(config),
+        **extra,
     )
     io.atomic_write_json(f"{out}/summary.json", summary.to_dict())  # last: the output is complete
     return summary

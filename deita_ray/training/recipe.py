@@ -131,10 +131,10 @@ def train_loop(loop: dict[str, Any]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deita_ray.training.config import DPOConfig, SFTConfig
+    from deita_ray.training.config import DPOConfig, ScorerConfig, SFTConfig
 
-    kind = loop["kind"]
-    config = (SFTConfig if kind == "sft" else DPOConfig).model_validate(loop["config"])
+    kind = loop["kind"]  # sft, dpo or scorer (SFT on the scorer examples: prompt ids + the score digit)
+    config = {"sft": SFTConfig, "dpo": DPOConfig, "scorer": ScorerConfig}[kind].model_validate(loop["config"])
     threads = max(1, int(config.cpus_per_worker))
     # TrainingArguments' device setup (accelerate) resets torch's threads to physical cores / workers on
     # the node whenever OMP_NUM_THREADS is unset, as it is in Ray Train workers: pin it to the reservation.
@@ -182,10 +182,10 @@ def train_loop(loop: dict[str, Any]) -> None:
         dataloader_num_workers=0,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
-        max_length=config.max_length,
+        max_length=loop["max_length"],
     )
     # The trainer config first: with ZeRO-3 it switches on sharded construction for from_pretrained.
-    if kind == "sft":
+    if kind != "dpo":
         from trl import SFTConfig as TRLSFTConfig
 
         args = TRLSFTConfig(**common, dataset_kwargs={"skip_prepare_dataset": True}, packing=False)
@@ -212,7 +212,7 @@ def train_loop(loop: dict[str, Any]) -> None:
             task_type="CAUSAL_LM",
         )
     callbacks = _callbacks(loop["sink"], kind, config.global_batch_size, len(examples))
-    if kind == "sft":
+    if kind != "dpo":
         from trl import SFTTrainer
 
         trainer = SFTTrainer(

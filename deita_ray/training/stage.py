@@ -1,6 +1,7 @@
-"""The `train sft` and `train dpo` stages: registration in the stage registry (see
-deita_ray/runtime/stage.py). In a run, SFT trains on the selection (RUN/select/selected.jsonl) and DPO
-starts from the SFT model (RUN/sft/model) on the preference pairs its section names."""
+"""The `train sft`, `train dpo` and `train scorer` stages: registration in the stage registry (see
+deita_ray/runtime/stage.py). In a run, SFT trains on the selection (RUN/select/selected.jsonl), DPO
+starts from the SFT model (RUN/sft/model) on the preference pairs its section names, and the scorer
+trains on the ranking's scorer data (RUN/rank/scorer_data.jsonl, its dev split beside it)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 from deita_ray.config import check_model_reference
 from deita_ray.runtime.stage import Stage, lazy, register_stage
-from deita_ray.training.config import DPOConfig, SFTConfig, TrainConfig
-from deita_ray.training.summary import TrainSummary
+from deita_ray.training.config import DPOConfig, ScorerConfig, SFTConfig, TrainConfig
+from deita_ray.training.summary import ScorerSummary, TrainSummary
 
 SHORTCUTS = {
     "lora_r": ("lora.r",),
@@ -19,13 +20,17 @@ SHORTCUTS = {
 }
 
 
-def _check_template(config: TrainConfig, where: str) -> None:
+def _check_output(config: TrainConfig, where: str) -> None:
     if "://" in config.output:
         raise ValueError(
             f"{where}.output: training writes its model and metrics through the local "
             "filesystem; give a local path or a shared mount (checkpoints may go to a URI: "
             "storage_path)"
         )
+
+
+def _check_template(config: TrainConfig, where: str) -> None:
+    _check_output(config, where)
     template = config.chat_template
     if template not in ("model", "vicuna_v1.1") and not Path(template).expanduser().is_file():
         raise ValueError(
@@ -43,6 +48,11 @@ def _check_dpo(config: DPOConfig, where: str) -> None:
     if config.ref_model is not None:
         check_model_reference(config.ref_model, f"{where}.ref_model")
     _check_template(config, where)
+
+
+def _check_scorer(config: ScorerConfig, where: str) -> None:
+    check_model_reference(config.model, f"{where}.model")
+    _check_output(config, where)
 
 
 def _demand(config: TrainConfig) -> list[dict[str, float]]:
@@ -87,6 +97,29 @@ DPO = register_stage(
         wire=lambda run: {"model": f"{run.output_of('sft')}/model", "output": run.output_of("dpo")},
         demand=_demand,
         check=_check_dpo,
+        cli_shortcuts=SHORTCUTS,
+    )
+)
+
+SCORER = register_stage(
+    Stage(
+        name="scorer",
+        group="train",
+        help="Train a Deita complexity or quality scorer on ranked evol data, on Ray Train with TRL.",
+        description="Fine-tune a causal LM to emit the ranking's score after the scorer prompt (loss on the "
+        "score digit only; the prompt tokenized exactly as `deita-ray score` tokenizes it), then score "
+        "the dev split with it through the scoring code and report the Spearman correlation with the "
+        "ranking scores. The model loads as --complexity-model / --quality-model of `deita-ray score`.",
+        config_type=ScorerConfig,
+        summary_type=ScorerSummary,
+        run=lazy("deita_ray.training.pipeline:run_train"),
+        reads=("rank",),
+        wire=lambda run: {
+            "data": [f"{run.output_of('rank')}/scorer_data.jsonl"],
+            "output": run.output_of("scorer"),
+        },
+        demand=_demand,
+        check=_check_scorer,
         cli_shortcuts=SHORTCUTS,
     )
 )

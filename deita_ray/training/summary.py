@@ -51,3 +51,39 @@ class TrainSummary(StageSummary):
 
     def run_report_lines(self) -> list[str]:
         return [f"{self.kind} model: {self.model}"]
+
+
+class ScorerSummary(TrainSummary):
+    """`deita-ray train scorer`: training's summary plus how the trained scorer ranks the dev split."""
+
+    score_kind: str  # complexity | quality
+    context: int  # the scorer context (prompt + digit) of training: score with this max_model_len
+    digit_token_ids: list[int]  # the ids of "1".."6" trained (what `deita-ray score` derives)
+    # Spearman correlation (ties averaged) of the expected scores with the ranking scores on the dev
+    # rows; None without dev data (or when either side is constant).
+    dev_spearman: float | None
+    dev_rows: int  # dev rows scored (dev["rejected"] could not be)
+    dev: dict[str, Any]  # files, rows, rejected (by reason), truncated, mean_abs_error, scores (per row)
+
+    def dev_line(self) -> str:
+        rho = "n/a" if self.dev_spearman is None else f"{self.dev_spearman:.3f}"
+        return f"dev Spearman {rho} on {self.dev_rows} rows"
+
+    def line(self) -> str:
+        return f"{super().line()}, {self.dev_line()}"
+
+    def report_lines(self) -> list[str]:
+        lines = super().report_lines()
+        lines[-1:-1] = [
+            f"  dev rejected {reason}: {n}" for reason, n in self.dev.get("rejected_by_reason", {}).items()
+        ]
+        lines.append(
+            f"use it: deita-ray score --{self.score_kind}-model {self.model} (max_model_len {self.context})"
+        )
+        return lines
+
+    def run_outputs(self) -> dict[str, Any]:
+        return {f"{self.score_kind}_scorer": self.model, "dev_spearman": self.dev_spearman}
+
+    def run_report_lines(self) -> list[str]:
+        return [f"{self.score_kind} scorer: {self.model} ({self.dev_line()})"]
