@@ -356,9 +356,16 @@ def test_run_section_reads_the_rankings_scorer_data(tiny_llama: Path) -> None:
         {
             "input": ["pool.jsonl"],
             "output": "runs/r",
+            "evol": {"kind": "quality", "model": "m", "base_url": "http://h:8000/v1"},
+            "rank": {"kind": "quality", "model": "m", "base_url": "http://h:8000/v1"},
             "train": {"scorer": {"kind": "quality", "model": str(tiny_llama)}},
         }
     )
+    assert run.stage_names() == ["evol", "rank", "scorer"]
+    with pytest.raises(ValueError, match="scorer reads rank"):
+        RunConfig.model_validate(
+            {"input": ["p"], "output": "o", "train": {"scorer": {"kind": "quality", "model": "m"}}}
+        )
     config = run.stage_config("scorer")
     assert config.data == ["runs/r/rank/scorer_data.jsonl"] and config.output == "runs/r/scorer"
     assert (config.epochs, config.learning_rate, config.lr_scheduler, config.warmup_ratio) == (
