@@ -5,7 +5,8 @@ never pay twice.
 `ChatClient.chat(request)` does, in this order:
 
 1. the cache (`RequestCache`, content-addressed by model + messages + sampling parameters + seed): a
-   hit sends nothing and counts in `ClientStats.cache_hits`;
+   hit sends nothing and counts in `ClientStats.cache_hits`, and so does a request identical to one
+   already on its way from this client (it waits for that one's reply);
 2. the per-client concurrency bound (`concurrency` requests in flight, a semaphore);
 3. the rate limiter shared by the actor pool (`shared_rate_limiter`): a reservation of the request's
    estimated tokens (prompt characters / 4 + `max_tokens`), settled with the real usage afterwards;
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import json
 import logging
@@ -511,6 +513,8 @@ class _Connection:
             config.timeout, http_client=httpx.AsyncClient(limits=limits, timeout=config.timeout)
         )
         self.semaphore = asyncio.Semaphore(config.concurrency)
+        # Requests on their way, by cache key: an identical request asked meanwhile waits for that one.
+        self.pending: dict[str, asyncio.Future[ChatResult]] = {}
 
     async def close(self) -> None:
         await self.client.close()
@@ -585,6 +589,33 @@ class ChatClient:
                 retries=0,
                 error=None,
             )
+        pending = connection.pending.get(key)
+        if pending is not None:  # the same request is on its way: never pay twice, even within a batch
+            result = await asyncio.shield(pending)
+            if result.error is not None:
+                reason = result.reason or "unknown"
+                self.stats.failures[reason] = self.stats.failures.get(reason, 0) + 1
+                return result
+            self.stats.cache_hits += 1
+            return dataclasses.replace(result, cached=True, retries=0)
+        future: asyncio.Future[ChatResult] = connection.loop.create_future()
+        connection.pending[key] = future
+        try:
+            result = await self._send(connection, request, key)
+        except BaseException as exc:  # cancelled (or a bug): the waiters get the same
+            if isinstance(exc, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(exc)
+                future.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
+        finally:
+            del connection.pending[key]
+        future.set_result(result)
+        return result
+
+    async def _send(self, connection: _Connection, request: ChatRequest, key: str) -> ChatResult:
+        model = self.config.model
         body = request.body(model)
         estimate = request.estimated_tokens()
 
