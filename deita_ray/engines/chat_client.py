@@ -262,6 +262,7 @@ class RequestCache:
         self.directory = directory
         self.shared_uri = shared_uri
         self._shared_fs: Any = None
+        self._made: set[str] = set()  # subdirectories known to exist (one makedirs each, not one per put)
         self._shared_root = ""
 
     def path(self, key: str) -> str:
@@ -286,7 +287,10 @@ class RequestCache:
     # --- internals -------------------------------------------------------------------------------
     def _local_put(self, key: str, data: bytes) -> None:
         path = self.path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        directory = os.path.dirname(path)
+        if directory not in self._made:
+            os.makedirs(directory, exist_ok=True)
+            self._made.add(directory)
         tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         with open(tmp, "wb") as handle:
             handle.write(data)
@@ -535,6 +539,9 @@ class ChatClient:
         self.limiter = limiter
         self.endpoint = Endpoint(config.base_url, config.api_key_env)
         self.stats = ClientStats()
+        self._what = self.endpoint.redact(
+            f"chat request to {self.endpoint.safe_url()} (model {config.model!r})"
+        )
         self._connections: dict[int, _Connection] = {}
 
     # --- public ----------------------------------------------------------------------------------
@@ -638,7 +645,7 @@ class ChatClient:
             self.stats.retries += 1
             self.stats.retry_reasons[reason] = self.stats.retry_reasons.get(reason, 0) + 1
 
-        what = self.endpoint.redact(f"chat request to {self.endpoint.safe_url()} (model {model!r})")
+        what = self._what
         async with connection.semaphore:
             try:
                 completion, retries = await call_with_retries(
