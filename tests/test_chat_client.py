@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import pickle
 
 import pytest
 
@@ -315,6 +316,8 @@ def test_local_rate_limiter_paces_requests(server, tmp_path):
     config = _config(server, requests_per_minute=600, concurrency=16)  # 10/s; a burst of 1 s: 11 at once
     limiter = shared_rate_limiter(config, "local-test")
     assert isinstance(limiter, LocalRateLimiter)
+    with pytest.raises(TypeError, match="after ray.init"):
+        pickle.dumps(limiter)
     client = ChatClient(config, RequestCache(str(tmp_path)), limiter)
     assert all(r.ok for r in client.chat_all(_requests(config, 30)))
     starts = sorted(start for start, _ in limiter.state()["history"])
@@ -424,8 +427,7 @@ def test_api_key_never_appears_anywhere(tmp_path, monkeypatch, caplog, capfd):
 
 
 # --- a real vLLM OpenAI server -----------------------------------------------------------------------
-@pytest.mark.integration
-@pytest.mark.slow  # 150-160 s here on a shared, loaded 2-CPU machine (vLLM's start-up is most of it)
+@pytest.mark.integration  # ~65 s here (load ~2), 150-160 s under heavy load: vLLM's start-up is most of it
 def test_against_a_real_vllm_openai_server(tiny_llama, tmp_path, monkeypatch):
     """Protocol realism: chat completions through the tiny Llama's chat template, usage, seeds, a 404
     for an unknown model (not retried) and a 401 for a wrong key."""

@@ -424,6 +424,13 @@ class LocalRateLimiter(RateLimiterHandle):
         self.buckets = buckets
         self._lock = threading.Lock()  # clients on different threads' loops share it
 
+    def __reduce__(self) -> Any:
+        # A copy in another process would keep a schedule of its own: the pool would send N times the rate.
+        raise TypeError(
+            "a local rate limiter cannot be shared with other processes; call shared_rate_limiter() after "
+            "ray.init() to get one the actors of a pool share"
+        )
+
     async def acquire(self, tokens: int) -> None:
         with self._lock:
             delay = self.buckets.reserve(tokens)
