@@ -5,7 +5,8 @@ never pay twice.
 `ChatClient.chat(request)` does, in this order:
 
 1. the cache (`RequestCache`, content-addressed by model + messages + sampling parameters + seed): a
-   hit sends nothing and counts in `ClientStats.cache_hits`;
+   hit sends nothing and counts in `ClientStats.cache_hits`, and so does a request identical to one
+   already on its way from this client (it waits for that one's reply);
 2. the per-client concurrency bound (`concurrency` requests in flight, a semaphore);
 3. the rate limiter shared by the actor pool (`shared_rate_limiter`): a reservation of the request's
    estimated tokens (prompt characters / 4 + `max_tokens`), settled with the real usage afterwards;
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import json
 import logging
@@ -260,6 +262,7 @@ class RequestCache:
         self.directory = directory
         self.shared_uri = shared_uri
         self._shared_fs: Any = None
+        self._made: set[str] = set()  # subdirectories known to exist (one makedirs each, not one per put)
         self._shared_root = ""
 
     def path(self, key: str) -> str:
@@ -284,7 +287,10 @@ class RequestCache:
     # --- internals -------------------------------------------------------------------------------
     def _local_put(self, key: str, data: bytes) -> None:
         path = self.path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        directory = os.path.dirname(path)
+        if directory not in self._made:
+            os.makedirs(directory, exist_ok=True)
+            self._made.add(directory)
         tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         with open(tmp, "wb") as handle:
             handle.write(data)
@@ -418,6 +424,13 @@ class LocalRateLimiter(RateLimiterHandle):
         self.buckets = buckets
         self._lock = threading.Lock()  # clients on different threads' loops share it
 
+    def __reduce__(self) -> Any:
+        # A copy in another process would keep a schedule of its own: the pool would send N times the rate.
+        raise TypeError(
+            "a local rate limiter cannot be shared with other processes; call shared_rate_limiter() after "
+            "ray.init() to get one the actors of a pool share"
+        )
+
     async def acquire(self, tokens: int) -> None:
         with self._lock:
             delay = self.buckets.reserve(tokens)
@@ -511,6 +524,8 @@ class _Connection:
             config.timeout, http_client=httpx.AsyncClient(limits=limits, timeout=config.timeout)
         )
         self.semaphore = asyncio.Semaphore(config.concurrency)
+        # Requests on their way, by cache key: an identical request asked meanwhile waits for that one.
+        self.pending: dict[str, asyncio.Future[ChatResult]] = {}
 
     async def close(self) -> None:
         await self.client.close()
@@ -531,6 +546,9 @@ class ChatClient:
         self.limiter = limiter
         self.endpoint = Endpoint(config.base_url, config.api_key_env)
         self.stats = ClientStats()
+        self._what = self.endpoint.redact(
+            f"chat request to {self.endpoint.safe_url()} (model {config.model!r})"
+        )
         self._connections: dict[int, _Connection] = {}
 
     # --- public ----------------------------------------------------------------------------------
@@ -585,6 +603,33 @@ class ChatClient:
                 retries=0,
                 error=None,
             )
+        pending = connection.pending.get(key)
+        if pending is not None:  # the same request is on its way: never pay twice, even within a batch
+            result = await asyncio.shield(pending)
+            if result.error is not None:
+                reason = result.reason or "unknown"
+                self.stats.failures[reason] = self.stats.failures.get(reason, 0) + 1
+                return result
+            self.stats.cache_hits += 1
+            return dataclasses.replace(result, cached=True, retries=0)
+        future: asyncio.Future[ChatResult] = connection.loop.create_future()
+        connection.pending[key] = future
+        try:
+            result = await self._send(connection, request, key)
+        except BaseException as exc:  # cancelled (or a bug): the waiters get the same
+            if isinstance(exc, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(exc)
+                future.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
+        finally:
+            del connection.pending[key]
+        future.set_result(result)
+        return result
+
+    async def _send(self, connection: _Connection, request: ChatRequest, key: str) -> ChatResult:
+        model = self.config.model
         body = request.body(model)
         estimate = request.estimated_tokens()
 
@@ -607,7 +652,7 @@ class ChatClient:
             self.stats.retries += 1
             self.stats.retry_reasons[reason] = self.stats.retry_reasons.get(reason, 0) + 1
 
-        what = self.endpoint.redact(f"chat request to {self.endpoint.safe_url()} (model {model!r})")
+        what = self._what
         async with connection.semaphore:
             try:
                 completion, retries = await call_with_retries(

@@ -14,7 +14,8 @@ yields that base URL. Endpoints:
   is a 404, a missing or wrong key (when `--api-key-env` names a set variable) a 401.
 * `GET /v1/models`: the served model names.
 * `GET /stats`: requests received, faults injected by kind, attempts and successes per body hash (a
-  test checks no request was answered twice), the most requests in flight at once, arrival times.
+  test checks no request was answered twice), the most requests in flight at once, arrival times
+  (`time.monotonic()`, comparable with other processes' on the same machine).
 * `POST /admin/reset`: zero the stats; optionally replace `faults` and `latency` (one server can serve
   a whole test module).
 
@@ -158,7 +159,7 @@ def make_app(
 
     async def chat(request):
         state.requests += 1
-        state.arrivals.append(round(time.monotonic() - state.started, 6))
+        state.arrivals.append(time.monotonic())
         state.in_flight += 1
         state.max_in_flight = max(state.max_in_flight, state.in_flight)
         try:
@@ -327,9 +328,11 @@ def serve(
         command += ["--api-key-env", api_key_env]
     for model in models:
         command += ["--model", model]
-    proc = subprocess.Popen(
-        command, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, text=True, start_new_session=True
-    )
+    # The responder's module is imported from the same deita_ray as this one.
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    python_path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    child_env = {**os.environ, "PYTHONPATH": python_path, **(env or {})}
+    proc = subprocess.Popen(command, env=child_env, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         base_url = _wait_ready(proc)
         yield base_url
