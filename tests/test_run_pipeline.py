@@ -217,25 +217,39 @@ def test_demo_command_runs_the_whole_pipeline(tmp_path: Path, tiny_llama: Path) 
             "--model",
             str(tiny_llama),
             "--budget",
-            "40",
+            "20",
         ],
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"run directory: {out}" in result.stdout and "selected 40 of budget 40" in result.stdout
+    assert f"run directory: {out}" in result.stdout and "selected 20 of budget 20" in result.stdout
+    # One line as each stage starts and one as it ends.
+    for stage in ("score", "embed", "select"):
+        assert f"[{stage}] running → {out}/{stage}" in result.stdout and f"[{stage}] done: " in result.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["selected"] == 40
+    assert summary["selected"] == 20 and list(summary["stages"]) == ["score", "embed", "select"]
     score = json.loads((out / "score" / "summary.json").read_text())
-    assert score["input_rows"] == 340 and score["scored"] + score["rejected"] + score["blank"] == 340
+    # The quick pool: 80 rows in four formats, two tool-call rows rejected for their roles.
+    assert score["input_rows"] == 80 and score["scored"] + score["rejected"] + score["blank"] == 80
+    assert score["rejected_by_reason"].get("unsupported_role") == 2
     report = json.loads((out / "select" / "report.json").read_text())
     assert (
         report["pool"]["embedding"]["kind"] == "sentence-transformers"
         and report["pool"]["embedding_dim"] == 384
     )
     assert len(report["plots"]) == 3 and all(Path(p).exists() for p in report["plots"])
-    # Then a short SFT of the (scorer) model on the selection.
-    sft = json.loads((out / "sft" / "summary.json").read_text())
-    assert sft["steps"] == 4 and sft["data"]["examples"] + sft["data"]["rejected"] == 40
-    assert f"sft model: {out}/sft/model" in result.stdout and (out / "sft" / "model" / "config.json").exists()
+
+
+def test_demo_config_options(tmp_path: Path) -> None:
+    """`--full-pool` and `--sft-steps` as the demo's run config sees them (the SFT stage itself is run by
+    the training and job-submit tests)."""
+    from deita_ray.demo import demo_pool_dir, demo_quick_pool_dir, demo_run_config
+
+    quick = demo_run_config(str(tmp_path / "a"), model="m", embed_model="e")
+    assert quick.input == [str(demo_quick_pool_dir())] and quick.stage_names() == ["score", "embed", "select"]
+    assert quick.score.max_model_len == 512 and quick.select.budget == 30
+    full = demo_run_config(str(tmp_path / "b"), model="m", embed_model="e", full_pool=True, sft_steps=4)
+    assert full.input == [str(demo_pool_dir())] and full.stage_names()[-1] == "sft"
+    assert full.stage_config("sft").max_steps == 4 and full.stage_config("sft").model == "m"

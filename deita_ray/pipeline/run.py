@@ -131,6 +131,7 @@ def _run_locked(config: RunConfig, configs: dict[str, Any], run_dir: str, starte
         if skipped:
             result = stage.load_summary(stage_dir)
         else:
+            print(f"[{name}] running → {stage_dir}", flush=True)
             io.atomic_write_json(key_path, {"key": key, "upstream": upstream})
             result = stage.run(stage_config)
         line = f"[{name}] {'skipped (complete)' if skipped else 'done'}: {result.line()}"
