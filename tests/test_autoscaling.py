@@ -28,7 +28,8 @@ from reference import load_reference, mixed_pool, reference_sample_scores
 from deita_ray import io
 from deita_ray.ingest.records import normalize_row
 
-pytestmark = pytest.mark.integration
+# Slow (~1 min): a real autoscaler adding and removing a node; run with `-m slow`.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 DEITA_RAY = Path(sys.executable).with_name("deita-ray")

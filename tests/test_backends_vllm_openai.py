@@ -397,6 +397,9 @@ def test_openai_backend_works_from_inside_a_running_event_loop(monkeypatch):
 
 
 # --- (c) both backends through the full Ray Data pipeline, three input formats ------------------------
+# Slow (~1 min): both backends through the whole Ray Data pipeline; the default suite compares each
+# backend with the reference directly (the tests above).
+@pytest.mark.slow
 @pytest.mark.integration
 def test_pipeline_with_vllm_and_openai_backends_equals_reference(
     vllm_server, model_dir, tmp_path, monkeypatch

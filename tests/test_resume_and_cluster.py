@@ -375,6 +375,7 @@ def test_two_scorer_actors_match_one(pool_dir, model_dir, reference, tmp_path, r
     assert_same_output(output, reference)
 
 
+@pytest.mark.slow  # ~40 s: a 2-node ray.cluster_utils.Cluster; multi-node training tests are slow too
 def test_multi_node_cluster_matches_single_node(pool_dir, model_dir, reference, tmp_path):
     """Head (1 CPU, runs the driver) + worker node (2 CPUs); the 1.5-CPU scorer only fits the worker."""
     import ray

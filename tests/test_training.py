@@ -234,9 +234,11 @@ def test_rerun_of_finished_output_is_skipped_and_change_refused(
         deita_ray.train_sft(**sft_fields(sft_data, tiny_llama, ddp_run, learning_rate=5e-4))
 
 
-# The worker kill is slow (Ray Train's restart of the worker group, then the resumed run: ~2-4 min);
-# the driver kill, which resumes from the same registered checkpoint, runs by default.
-@pytest.mark.parametrize("victim", ["driver", pytest.param("worker", marks=pytest.mark.slow)])
+# Slow (`-m slow`), for the default suite's time on 2 CPUs: the driver kill (a killed run, then its
+# re-run, ~2-3 min) and the worker kill (Ray Train's restart of the worker group, then the resumed run:
+# ~2-4 min). The default suite still kills a stage driver and resumes it (test_resume_and_cluster.py).
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["driver", "worker"])
 def test_killed_run_resumes_to_the_same_weights(
     victim: str, ddp_run: Path, tiny_llama: Path, sft_data: Path, tmp_path: Path
 ) -> None:

@@ -83,7 +83,7 @@ def storage_of(config: TrainConfig) -> str:
     if config.storage_path:
         return config.storage_path
     fs, inner = io.filesystem(f"{config.output}/checkpoints")
-    return os.path.abspath(inner) if io._is_local(fs) else f"{config.output}/checkpoints"
+    return os.path.abspath(inner) if io.is_local(fs) else f"{config.output}/checkpoints"
 
 
 def run_name(config: TrainConfig) -> str:
