@@ -252,6 +252,9 @@ def config_yaml(tmp_path_factory) -> Path:
 # --- tests --------------------------------------------------------------------------------------------------
 
 
+# Slow (~1.5 min, for the default suite's time): the default suite SIGKILLs and resumes the selection's
+# driver (test_select_pipeline.py) and kills scorer actors mid-stream (test_fault_tolerance.py).
+@pytest.mark.slow
 def test_resume_after_killed_driver(pool_dir, model_dir, tmp_path, request):
     """SIGKILL the whole `deita-ray score` process group mid-run, while its scorer actor is paused before
     its third unit (tests/fault_injection.py); the re-run finishes only the rest."""

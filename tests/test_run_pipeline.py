@@ -112,8 +112,8 @@ def test_run_chains_stages_skips_and_invalidates(tmp_path: Path, tiny_llama: Pat
     assert selected(run) == expected_selection(run, 12, 0.8)
 
 
-# Slow (~2 min): a whole run killed between stages and resumed; the default suite kills and resumes a
-# stage's driver (test_resume_and_cluster.py) and checks a run's skip/redo rules (test_run_chains_...).
+# Slow (~2 min): a whole run killed between stages and resumed; the default suite kills and resumes the
+# selection's driver (test_select_pipeline.py) and checks a run's skip/redo rules (test_run_chains_...).
 @pytest.mark.slow
 @pytest.mark.integration
 def test_killed_run_resumes_to_the_undisturbed_result(tmp_path: Path, tiny_llama: Path, ray_local) -> None:  # noqa: F811

@@ -236,7 +236,8 @@ def test_rerun_of_finished_output_is_skipped_and_change_refused(
 
 # Slow (`-m slow`), for the default suite's time on 2 CPUs: the driver kill (a killed run, then its
 # re-run, ~2-3 min) and the worker kill (Ray Train's restart of the worker group, then the resumed run:
-# ~2-4 min). The default suite still kills a stage driver and resumes it (test_resume_and_cluster.py).
+# ~2-4 min). The default suite still SIGKILLs a driver and resumes it (the selection's,
+# test_select_pipeline.py) and kills a model actor mid-stream (test_fault_tolerance.py).
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", ["driver", "worker"])
 def test_killed_run_resumes_to_the_same_weights(
