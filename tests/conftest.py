@@ -47,3 +47,26 @@ def smollm2() -> Path:
     from deita_ray.bundled_models import smollm2_path
 
     return smollm2_path()
+
+
+# --- the OpenAI-compatible test server ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def evol_key():
+    """The test server's API key (evol_endpoint.KEY), set in this process's environment for the module."""
+    from evol_endpoint import KEY, KEY_ENV
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(KEY_ENV, KEY)
+        yield KEY
+
+
+@pytest.fixture(scope="module")
+def evol_server(evol_key: str):
+    """The local OpenAI-compatible test server (a subprocess) answering with the Deita test responder
+    behind the key: its base URL (…/v1), for evol_endpoint's `evol_config` / `rank_config`."""
+    from evol_endpoint import KEY_ENV, RESPONDER
+
+    from deita_ray.testing.openai_server import serve
+
+    with serve(responder=RESPONDER, api_key_env=KEY_ENV, env={KEY_ENV: evol_key}) as url:
+        yield url

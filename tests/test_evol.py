@@ -1,11 +1,11 @@
 """`deita-ray evol` and `deita-ray rank` against the local OpenAI-compatible test server, on a real local Ray.
 
-The server (deita_ray/testing/openai_server.py, a subprocess) answers with the Deita test responder
-(deita_ray/testing/evol_responder.py): rewrites grow by one sentence per round, answers are fixed-form,
-rankings score variants by word count; seeds carrying a `[[what@k]]` marker misbehave at round k
-(apology, copied scaffolding, no change, empty reply, unparseable ranking). It requires an API key,
-which the tests hand to the client actors as a `${VAR}` reference in `resources.actor_env` and then
-look for in every file and log they can reach.
+The server (deita_ray/testing/openai_server.py, a subprocess: conftest's `evol_server`) answers with the
+Deita test responder (deita_ray/testing/evol_responder.py): rewrites grow by one sentence per round,
+answers are fixed-form, rankings score variants by word count; seeds carrying a `[[what@k]]` marker
+misbehave at round k (apology, copied scaffolding, no change, empty reply, unparseable ranking). It
+requires an API key, which the tests hand to the client actors as a `${VAR}` reference in
+`resources.actor_env` (tests/evol_endpoint.py) and then look for in every file and log they can reach.
 
 The pool: 9 seeds cut from the bundled demo pool (Alpaca, multi-turn ShareGPT, `messages`) plus a file
 of marker seeds, a blank line, an unparseable line and a duplicate id: 14 seeds, 2 ingestion rejects,
@@ -33,15 +33,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import ray
+from evol_endpoint import KEY, KEY_ENV, MODEL, ROUNDS, evol_config, rank_config, read_rows
 from fault_injection import BackgroundRun, kill_paused, pause_env, wait_for_pause
 from ray_cluster import ray_local, start_local_ray  # noqa: F401
 
 import deita_ray
 from deita_ray import cli
-from deita_ray.config import expand_env
 from deita_ray.evol import eliminate
 from deita_ray.evol.pipeline import EVOLVED_DIR, first_pair, variant_id
 from deita_ray.evol.prompts import (
@@ -60,18 +59,11 @@ from deita_ray.pipeline import RunConfig
 from deita_ray.runtime.markers import ConfigMismatchError
 from deita_ray.scoring.prompts import complexity_prompt, quality_prompt
 from deita_ray.testing import evol_responder
-from deita_ray.testing.openai_server import reset, serve, stats
+from deita_ray.testing.openai_server import reset, stats
 from deita_ray.testing.pools import mixed_pool
 
 pytestmark = pytest.mark.integration
 
-KEY_ENV = "DEITA_EVOL_TEST_KEY"
-KEY = "sk-evol-test-4f9c2d7e81b3a605"
-MODEL = "deita-test"
-RESPONDER = "deita_ray.testing.evol_responder:respond"
-ROUNDS = 3
-# Two client actors of a quarter CPU each: the units' chains overlap, and both CPUs stay free for tasks.
-TWO_ACTORS = {"actor_num_cpus": 0.25, "min_actors": 2, "max_actors": 2}
 N_SEEDS, N_INGEST_REJECTS, N_BLANK = 14, 2, 1
 MARKER_SEEDS = [
     ("m-sorry", "Explain why the sky looks blue. [[sorry@2]]", "Light scatters off air molecules."),
@@ -83,19 +75,6 @@ MARKER_SEEDS = [
 
 
 # --- fixtures -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def key():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(KEY_ENV, KEY)
-        yield KEY
-
-
-@pytest.fixture(scope="module")
-def server(key):
-    with serve(responder=RESPONDER, api_key_env=KEY_ENV, env={KEY_ENV: key}) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
@@ -115,39 +94,6 @@ def pool(tmp_path_factory) -> Path:
     rows += ["{not json", json.dumps(duplicate)]
     (directory / "markers.jsonl").write_text("\n".join(rows) + "\n")
     return directory
-
-
-def evol_config(pool: Path, output: Path, url: str, **fields) -> dict:
-    config = {
-        "input": [str(pool)],
-        "output": str(output),
-        "kind": "complexity",
-        "rounds": ROUNDS,
-        "model": MODEL,
-        "base_url": url,
-        "api_key_env": KEY_ENV,
-        "rows_per_shard": 5,
-        "concurrency": 8,
-        "resources": {**TWO_ACTORS, "actor_env": {KEY_ENV: "${" + KEY_ENV + "}"}},
-    }
-    return expand_env({**config, **fields})  # the key reaches the actors as a reference (never written)
-
-
-def rank_config(evol_dir: Path, output: Path, url: str, **fields) -> dict:
-    config = {
-        "input": [str(evol_dir / EVOLVED_DIR)],
-        "output": str(output),
-        "kind": "complexity",
-        "model": MODEL,
-        "base_url": url,
-        "api_key_env": KEY_ENV,
-        "resources": {**TWO_ACTORS, "actor_env": {KEY_ENV: "${" + KEY_ENV + "}"}},
-    }
-    return expand_env({**config, **fields})
-
-
-def read_rows(directory: Path) -> list[dict]:
-    return [r for path in sorted(directory.glob("*.parquet")) for r in pq.read_table(path).to_pylist()]
 
 
 def by_id(rows: list[dict]) -> dict[str, dict]:
@@ -192,16 +138,22 @@ def content_of(rows: list[dict]) -> dict[str, tuple]:
 
 
 @pytest.fixture(scope="module")
-def complexity_run(pool, server, tmp_path_factory) -> dict:
+def complexity_run(pool, evol_server, tmp_path_factory) -> dict:
     """evol (complexity) then rank on the pool; the server's stats after each."""
     start_local_ray()
     root = tmp_path_factory.mktemp("complexity")
-    reset(server)
-    evol = deita_ray.evol(evol_config(pool, root / "evol", server))
-    evol_stats = stats(server)
-    reset(server)
-    ranked = deita_ray.rank(rank_config(root / "evol", root / "rank", server, max_parse_retries=2))
-    return {"root": root, "evol": evol, "evol_stats": evol_stats, "rank": ranked, "rank_stats": stats(server)}
+    reset(evol_server)
+    evol = deita_ray.evol(evol_config(pool, root / "evol", evol_server))
+    evol_stats = stats(evol_server)
+    reset(evol_server)
+    ranked = deita_ray.rank(rank_config(root / "evol", root / "rank", evol_server, max_parse_retries=2))
+    return {
+        "root": root,
+        "evol": evol,
+        "evol_stats": evol_stats,
+        "rank": ranked,
+        "rank_stats": stats(evol_server),
+    }
 
 
 # --- prompts, rules, parser, responder (no server) -----------------------------------------------------
@@ -384,9 +336,9 @@ def test_dev_split_rule():
     assert dev_roots(roots, 0.0) == set() and len(dev_roots(["a", "b"], 0.99)) == 1
 
 
-def test_second_run_sends_nothing(complexity_run, pool, server, tmp_path, capsys):
+def test_second_run_sends_nothing(complexity_run, pool, evol_server, tmp_path, capsys):
     root = complexity_run["root"]
-    reset(server)
+    reset(evol_server)
     # The same outputs again (the evol through the CLI, from YAML plus flags): complete, nothing to do.
     config = tmp_path / "evol.yaml"
     config.write_text(f"input: [{pool}]\noutput: {root / 'evol'}\nkind: complexity\nrows_per_shard: 5\n")
@@ -399,7 +351,7 @@ def test_second_run_sends_nothing(complexity_run, pool, server, tmp_path, capsys
         "--model",
         MODEL,
         "--base-url",
-        server,
+        evol_server,
         "--api-key-env",
         KEY_ENV,
         "--concurrency",
@@ -407,13 +359,13 @@ def test_second_run_sends_nothing(complexity_run, pool, server, tmp_path, capsys
     ]
     assert cli.main(argv) == 0
     assert f"{N_SEEDS} seeds →" in capsys.readouterr().out
-    again = deita_ray.rank(rank_config(root / "evol", root / "rank", server, max_parse_retries=2))
+    again = deita_ray.rank(rank_config(root / "evol", root / "rank", evol_server, max_parse_retries=2))
     assert again.units_this_run == 0 and again.scorer_data == complexity_run["rank"].scorer_data
     # A new output that reads the first one's cache redoes every unit from it: zero requests.
     fresh = deita_ray.evol(
-        evol_config(pool, tmp_path / "evol", server, cache_uri=str(root / "evol" / "cache"))
+        evol_config(pool, tmp_path / "evol", evol_server, cache_uri=str(root / "evol" / "cache"))
     )
-    assert stats(server)["requests"] == 0
+    assert stats(evol_server)["requests"] == 0
     assert fresh.client["requests_sent"] == 0 and fresh.client["cache_hits"] > 0
     assert fresh.units_this_run == 5 and fresh.variants == complexity_run["evol"].variants
     assert content_of(read_rows(tmp_path / "evol" / EVOLVED_DIR)) == content_of(
@@ -421,9 +373,9 @@ def test_second_run_sends_nothing(complexity_run, pool, server, tmp_path, capsys
     )
 
 
-def test_evol_and_rank_quality(pool, server, tmp_path, ray_local):  # noqa: F811
-    reset(server)
-    evol = deita_ray.evol(evol_config(pool, tmp_path / "evol", server, kind="quality", rounds=2))
+def test_evol_and_rank_quality(pool, evol_server, tmp_path, ray_local):  # noqa: F811
+    reset(evol_server)
+    evol = deita_ray.evol(evol_config(pool, tmp_path / "evol", evol_server, kind="quality", rounds=2))
     variants, _ = check_every_round_accounted(tmp_path / "evol", 2)
     assert evol.seeds == N_SEEDS and evol.kind == "quality"
     for v in variants:  # the instruction is kept, the response grows
@@ -432,8 +384,8 @@ def test_evol_and_rank_quality(pool, server, tmp_path, ray_local):  # noqa: F811
         x0, y0 = first_pair(seed["conversations"])
         assert x == x0 and y.startswith(y0.rstrip()) and (v["round"] == 0 or len(y) > len(y0))
     with pytest.raises(ValueError, match="holds quality variants"):
-        deita_ray.rank(rank_config(tmp_path / "evol", tmp_path / "rank", server))
-    ranked = deita_ray.rank(rank_config(tmp_path / "evol", tmp_path / "rank", server, kind="quality"))
+        deita_ray.rank(rank_config(tmp_path / "evol", tmp_path / "rank", evol_server))
+    ranked = deita_ray.rank(rank_config(tmp_path / "evol", tmp_path / "rank", evol_server, kind="quality"))
     assert ranked.ranked > 0 and ranked.rejected_by_reason.get("unparseable") == 3
     variant = by_id(variants)
     rows = [
@@ -449,18 +401,20 @@ def test_evol_and_rank_quality(pool, server, tmp_path, ray_local):  # noqa: F811
         )
 
 
-def test_injected_faults_are_retried_and_counted(complexity_run, pool, server, tmp_path, capfd):
+def test_injected_faults_are_retried_and_counted(complexity_run, pool, evol_server, tmp_path, capfd):
     faults = {
         "429": {"fraction": 0.3, "times": 1, "retry_after": 0.2},
         "500": {"fraction": 0.2, "times": 1, "echo_headers": True},  # the error body quotes the key
         "slow": {"fraction": 0.1, "times": 1, "seconds": 6.0},
         "malformed": {"fraction": 0.1, "times": 1},
     }
-    reset(server, faults=faults)
+    reset(evol_server, faults=faults)
     # Behind the shared rate limiter (a Ray actor), generous enough not to slow the test down.
-    evol = deita_ray.evol(evol_config(pool, tmp_path / "evol", server, timeout=3.0, requests_per_minute=6000))
-    server_stats = stats(server)
-    reset(server, faults={})
+    evol = deita_ray.evol(
+        evol_config(pool, tmp_path / "evol", evol_server, timeout=3.0, requests_per_minute=6000)
+    )
+    server_stats = stats(evol_server)
+    reset(evol_server, faults={})
     assert server_stats["faults_total"] > 0 and set(server_stats["faults"]) == set(faults)
     client = evol.client
     reasons = {"429": "http_429", "500": "http_500", "slow": "timeout", "malformed": "malformed"}
@@ -482,9 +436,9 @@ def test_injected_faults_are_retried_and_counted(complexity_run, pool, server, t
                 assert KEY.encode() not in path.read_bytes(), path
 
 
-def test_killed_client_actor_resumes_without_repeating_requests(complexity_run, pool, server, tmp_path):
-    reset(server)
-    config = evol_config(pool, tmp_path / "evol", server, concurrency=1)  # one request in flight at most
+def test_killed_client_actor_resumes_without_repeating_requests(complexity_run, pool, evol_server, tmp_path):
+    reset(evol_server)
+    config = evol_config(pool, tmp_path / "evol", evol_server, concurrency=1)  # one request in flight at most
     config["resources"].update(min_actors=1, max_actors=1)  # and one client actor: the one to kill
     # The actor stops right after its 7th request was answered and cached (in its first unit), and is
     # killed there; Ray restarts it and the unit is redone, its first requests from the cache.
@@ -492,10 +446,10 @@ def test_killed_client_actor_resumes_without_repeating_requests(complexity_run, 
     run = BackgroundRun(deita_ray.evol, config)
     paused = wait_for_pause(tmp_path / "pause", run.finished)
     assert list((tmp_path / "evol" / "_done").glob("*.json")) == []  # its first unit is not finished
-    assert stats(server)["requests"] == 7
+    assert stats(evol_server)["requests"] == 7
     kill_paused(paused)
     summary = run.result()
-    server_stats = stats(server)
+    server_stats = stats(evol_server)
     assert set(server_stats["successes"].values()) == {1}, "a request was answered twice"
     assert server_stats["requests"] == complexity_run["evol_stats"]["requests"]
     assert summary.client["cache_hits"] >= 7  # the redone unit's first requests
@@ -506,15 +460,17 @@ def test_killed_client_actor_resumes_without_repeating_requests(complexity_run, 
     )
 
 
-def test_refuses_a_changed_config(complexity_run, pool, server):
+def test_refuses_a_changed_config(complexity_run, pool, evol_server):
     root = complexity_run["root"]
     with pytest.raises(ConfigMismatchError, match="rounds"):
-        deita_ray.evol(evol_config(pool, root / "evol", server, rounds=ROUNDS + 1))
+        deita_ray.evol(evol_config(pool, root / "evol", evol_server, rounds=ROUNDS + 1))
     with pytest.raises(ConfigMismatchError, match="max_parse_retries"):
-        deita_ray.rank(rank_config(root / "evol", root / "rank", server, max_parse_retries=5))
+        deita_ray.rank(rank_config(root / "evol", root / "rank", evol_server, max_parse_retries=5))
     # Resources, concurrency, limits and the endpoint's address are not result fields.
     assert (
-        deita_ray.evol(evol_config(pool, root / "evol", server, concurrency=2, timeout=5.0)).units_this_run
+        deita_ray.evol(
+            evol_config(pool, root / "evol", evol_server, concurrency=2, timeout=5.0)
+        ).units_this_run
         == 0
     )
 

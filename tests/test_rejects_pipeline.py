@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from cli_process import finish_cli, run_cli, start_cli
 from ray_cluster import ray_local, start_local_ray  # noqa: F401
 
 import deita_ray
@@ -264,33 +263,6 @@ def api_reject_run(pool, scorer_model, ray_cluster, tmp_path_factory):
         deita_ray.score(input=[str(directory / "typo")], **fields)
     summary = deita_ray.score(input=[str(directory)], **fields)
     return out, summary
-
-
-def start_cli(*args: str) -> subprocess.Popen:
-    exe = Path(sys.executable).parent / "deita-ray"
-    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "deita_ray.cli"]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    return subprocess.Popen(
-        command + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-
-
-def finish_cli(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    try:
-        stdout, stderr = process.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        stdout, stderr = process.communicate()
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return finish_cli(start_cli(*args))
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from ray_cluster import ray_local, start_local_ray  # noqa: F401
+from scorer_training import cli_flags, scorer_fields, write_jsonl
 
 from deita_ray.scoring.prompts import QUALITY_TEMPLATE, complexity_prompt, prompt_fields, quality_prompt
 
@@ -46,11 +47,6 @@ def marker_instruction(rng: random.Random, score: int) -> str:
     words = [rng.choice(FILLER) for _ in range(12 - score)] + [MARKER] * score
     rng.shuffle(words)
     return " ".join(words)
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -230,22 +226,6 @@ def test_dev_split_default_and_overlap(tmp_path: Path) -> None:
 # --- the loop: train, evaluate, score ----------------------------------------------------------------
 
 
-def scorer_fields(rank: Path, model: Path, output: Path) -> dict:
-    return {
-        "data": str(rank / "scorer_data.jsonl"),
-        "kind": "complexity",
-        "model": str(model),
-        "output": str(output),
-        "num_workers": 1,
-        "per_device_batch_size": 16,
-        "gradient_accumulation_steps": 1,
-        "epochs": 2,
-        "learning_rate": 3e-3,
-        "save_steps": 1000,
-        "seed": 0,
-    }
-
-
 @pytest.fixture(scope="module")
 def scorer_run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Train the tiny complexity scorer on the marker rule: RANK/scorer_data.jsonl (+ 3 bad rows) and
@@ -283,8 +263,7 @@ def scorer_run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     write_jsonl(rank / "scorer_data_dev.jsonl", [*rows(DEV_ROWS, "d"), scorer_row("complexity", "0", "a")])
     output = tmp_path_factory.mktemp("scorer") / "out"
     start_local_ray()
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in scorer_fields(rank, tiny_llama, output).items()]
-    assert cli.main(["train", "scorer", *flags]) == 0
+    assert cli.main(["train", "scorer", *cli_flags(scorer_fields(rank, tiny_llama, output))]) == 0
     return output
 
 
