@@ -267,6 +267,9 @@ def scorer_run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return output
 
 
+# Slow (~70 s with the next test): the default suite's tests/test_scorer_loop.py trains a scorer on the
+# rank stage's data and checks dev Spearman and `deita-ray score` the same way.
+@pytest.mark.slow
 def test_scorer_learns_the_rule(scorer_run: Path, tiny_llama: Path) -> None:
     import deita_ray
 
@@ -288,6 +291,7 @@ def test_scorer_learns_the_rule(scorer_run: Path, tiny_llama: Path) -> None:
     assert again.dev_spearman == summary["dev_spearman"] and again.to_dict() == summary
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
 def test_trained_model_scores_through_deita_ray_score(scorer_run: Path, tmp_path: Path) -> None:
     """The held-out variants, scored by `deita-ray score` with the trained model as complexity scorer,
