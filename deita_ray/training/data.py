@@ -137,6 +137,18 @@ def _reject(path: str, row: int, raw: str, reason: str, message: str, sample_id:
     )
 
 
+def _duplicate_of_earlier(seen: dict[str, str], sample_id: str, path: str, row: int, raw: str) -> dict | None:
+    """The `duplicate_id` reject of a row whose id an earlier row had (the first one counts), or None,
+    recording where the id was first seen."""
+    if sample_id in seen:
+        return _reject(
+            path, row, raw, RejectReason.DUPLICATE_ID.value,
+            f"id {sample_id!r} first seen at {seen[sample_id]}", sample_id,
+        )
+    seen[sample_id] = f"{path}:{row}"
+    return None
+
+
 def _fit(
     input_ids: list[int], labels: list[int], max_length: int, truncation: str
 ) -> tuple[str | None, bool]:
@@ -170,19 +182,10 @@ def prepare_sft(
             prepared.rejects.append(_reject(path, row, raw, reason, record.message))
             continue
         sample_id = record["id"]
-        if sample_id in seen:
-            prepared.rejects.append(
-                _reject(
-                    path,
-                    row,
-                    raw,
-                    RejectReason.DUPLICATE_ID.value,
-                    f"id {sample_id!r} first seen at {seen[sample_id]}",
-                    sample_id,
-                )
-            )
+        duplicate = _duplicate_of_earlier(seen, sample_id, path, row, raw)
+        if duplicate is not None:
+            prepared.rejects.append(duplicate)
             continue
-        seen[sample_id] = f"{path}:{row}"
         turns = list(record["conversations"])
         while turns and turns[-1]["role"] == "user":  # a trailing question has no reply to learn
             turns.pop()
@@ -447,19 +450,10 @@ def read_scorer_rows(patterns: list[str], kind: str) -> tuple[list[ScorerRow], l
             )
             continue
         sample_id, root_id, score, readings = parsed
-        if sample_id in seen:
-            rejects.append(
-                _reject(
-                    path,
-                    row,
-                    raw,
-                    RejectReason.DUPLICATE_ID.value,
-                    f"id {sample_id!r} first seen at {seen[sample_id]}",
-                    sample_id,
-                )
-            )
+        duplicate = _duplicate_of_earlier(seen, sample_id, path, row, raw)
+        if duplicate is not None:
+            rejects.append(duplicate)
             continue
-        seen[sample_id] = f"{path}:{row}"
         usable.append(ScorerRow(sample_id, root_id, score, tuple(readings), path, row, raw))
     return usable, rejects, rows
 
