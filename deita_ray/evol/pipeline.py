@@ -175,11 +175,14 @@ class Evolver:
     def __init__(self, config: EvolConfig, client: ChatClient, unit_id: str) -> None:
         self.config, self.client, self.unit_id = config, client, unit_id
 
-    async def _ask(self, prompt: str, seed: int) -> ChatResult:
+    async def _ask(self, prompt: str, seed: int, what: str, usage: list[int]) -> str:
+        """The reply's text (see `_text`); its tokens are added to the round's `usage` either way."""
         result = await self.client.chat(self.config.request([("user", prompt)], seed))
         # Test-only fault injection: after a request is answered and cached (deita_ray/runtime/faults.py).
         pause_point("evol-request", self.unit_id)
-        return result
+        usage[0] += result.prompt_tokens
+        usage[1] += result.completion_tokens
+        return _text(result, what)
 
     async def chain(self, root_id: str, instruction: str, response: str) -> Chain:
         config, kind = self.config, self.config.kind
@@ -208,20 +211,18 @@ class Evolver:
         self, root_id: str, round_: int, method: str, previous: str, usage: list[int]
     ) -> tuple[str, str]:
         seed = self.config.seed
-        rewritten = await self._ask(
+        instruction = await self._ask(
             evol_complexity_prompt(previous, method),
             request_seed(seed, root_id, "complexity", round_, "rewrite"),
+            "rewrite",
+            usage,
         )
-        usage[0] += rewritten.prompt_tokens
-        usage[1] += rewritten.completion_tokens
-        instruction = _text(rewritten, "rewrite")
         rule = eliminate.check_rewritten_instruction(previous, instruction)
         if rule:
             raise RoundFailed(ELIMINATED, f"the rewritten instruction broke rule {rule}", rule, instruction)
-        answered = await self._ask(instruction, request_seed(seed, root_id, "complexity", round_, "answer"))
-        usage[0] += answered.prompt_tokens
-        usage[1] += answered.completion_tokens
-        response = _text(answered, "answer")
+        response = await self._ask(
+            instruction, request_seed(seed, root_id, "complexity", round_, "answer"), "answer", usage
+        )
         rule = eliminate.check_answer(response)
         if rule:
             raise RoundFailed(
@@ -233,13 +234,12 @@ class Evolver:
         self, root_id: str, round_: int, method: str, instruction: str, previous: str, usage: list[int]
     ) -> str:
         seed = self.config.seed
-        rewritten = await self._ask(
+        response = await self._ask(
             evol_quality_prompt(instruction, previous, method),
             request_seed(seed, root_id, "quality", round_, "rewrite"),
+            "rewrite",
+            usage,
         )
-        usage[0] += rewritten.prompt_tokens
-        usage[1] += rewritten.completion_tokens
-        response = _text(rewritten, "rewrite")
         rule = eliminate.check_rewritten_response(previous, response)
         if rule:
             raise RoundFailed(ELIMINATED, f"the rewritten response broke rule {rule}", rule, response)
