@@ -34,3 +34,41 @@ def finish_cli(process: subprocess.Popen) -> subprocess.CompletedProcess:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return finish_cli(start_cli(*args))
+
+
+def run_cli_in_terminal(
+    *args: str, columns: int = 120, rows: int = 40, timeout: float = 600
+) -> tuple[int, str]:
+    """`deita-ray ARGS` attached to a pseudo-terminal `columns` wide, as a user's shell runs it: (exit
+    status, everything it wrote, stdout and stderr interleaved as the terminal shows them). A width
+    matters: tqdm draws nothing on a terminal 0 columns wide (what a bare pty reports)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import time
+
+    exe = Path(sys.executable).parent / "deita-ray"
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "deita_ray.cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TERM": "xterm"}
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    process = subprocess.Popen(
+        command + list(args), stdin=follower, stdout=follower, stderr=follower, env=env, close_fds=True
+    )
+    os.close(follower)
+    output, deadline = bytearray(), time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: every writer of the terminal has exited
+                break
+            if not data:
+                break
+            output += data
+    finally:
+        os.close(leader)
+        if process.poll() is None and time.monotonic() >= deadline:
+            process.kill()
+    return process.wait(), output.decode("utf-8", errors="replace")

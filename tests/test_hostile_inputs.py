@@ -242,3 +242,51 @@ def test_selected_rows_are_strict_json() -> None:
     assert back == {"id": "a", "evol_score": 1.5, "extra": None, "nested": [{"x": None}, 1.0],
                     "arr": [1.0, None]}
     assert math.isnan(row["extra"])  # the input is not modified
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_fixed_size_vector_checks_agree_with_their_definitions(dtype) -> None:
+    """The fixed-size path screens rows by one matrix-vector sum and judges only the doubtful ones
+    exactly: rows whose sum overflows, cancels to 0 or underflows must still be judged on their
+    components (finite iff every component is; zero iff every component is 0)."""
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((300, 16)).astype(dtype)
+    big = np.finfo(dtype).max
+    m[1, 3] = np.nan
+    m[2, 0] = np.inf
+    m[3, 1], m[3, 2] = np.inf, -np.inf  # sums to NaN
+    m[4] = 0  # zero vector
+    m[5] = 0
+    m[5, 7] = np.finfo(dtype).tiny  # not zero, however small
+    m[6, :8], m[6, 8:] = 1, -1  # sums to 0, finite and non-zero
+    m[7] = big  # finite, but its sum overflows to inf
+    m[8, 0], m[8, 1] = big, -big  # finite, sums to 0
+    m[9] = -0.0  # negative zeros: a zero vector
+    column = pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), 16)
+    lengths, non_finite, zero = cand.vector_checks(column)
+    assert (lengths == 16).all()
+    assert np.array_equal(non_finite, ~np.isfinite(m).all(axis=1))
+    assert np.array_equal(zero, (m == 0).all(axis=1))
+    assert np.flatnonzero(non_finite).tolist() == [1, 2, 3] and np.flatnonzero(zero).tolist() == [4, 9]
+
+
+def test_vector_columns_are_written_plain_and_read_back_unchanged() -> None:
+    """Embedding columns go to Parquet without dictionary or compression (their floats do not compress
+    and a dictionary overflows; reading them plain is the selection's cost per row); other columns keep
+    zstd. The values and the Arrow types read back unchanged."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((50, 8)).astype(np.float32)
+    table = pa.table({
+        "id": [f"r{i}" for i in range(50)],
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 8),
+        "scores": pa.array([[1.0, 2.0]] * 50, pa.list_(pa.float64())),
+        "tags": pa.array([["a"]] * 50, pa.list_(pa.string())),
+    })  # fmt: skip
+    data = io.table_to_parquet_bytes(table)
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+    chunks = {c.path_in_schema.split(".")[0]: c for c in map(parquet.metadata.row_group(0).column, range(4))}
+    for name in ("embedding", "scores"):
+        assert chunks[name].compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in chunks[name].encodings
+    assert chunks["id"].compression == chunks["tags"].compression == "ZSTD"
+    assert parquet.read().equals(table)
+    assert parquet.schema_arrow.field("embedding").type == pa.list_(pa.float32(), 8)

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from cli_process import run_cli_in_terminal
 from fault_injection import assert_fault_lands_before, pause_env, wait_for_pause
 from pydantic import ValidationError
 from ray_cluster import ray_local  # noqa: F401
@@ -20,6 +21,7 @@ from select_reference import plain_greedy, rank_order, unit_rows
 from test_resume_and_cluster import CliRun, _marker_mtimes, assert_same_output
 
 import deita_ray
+from deita_ray.demo import demo_quick_pool_dir
 from deita_ray.pipeline import RunConfig, StageChangedError, run_pipeline
 
 
@@ -231,6 +233,9 @@ def test_demo_command_runs_the_whole_pipeline(tmp_path: Path, tiny_llama: Path) 
     # One line as each stage starts and one as it ends.
     for stage in ("score", "embed", "select"):
         assert f"[{stage}] running → {out}/{stage}" in result.stdout and f"[{stage}] done: " in result.stdout
+    # Not a terminal: Ray Data's progress goes to logs, no bars redrawn with carriage returns
+    # (test_progress_bars_draw_on_a_terminal covers the terminal).
+    assert "row/s]" not in result.stdout + result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["selected"] == 20 and set(summary["stages"]) == {"score", "embed", "select"}
     score = json.loads((out / "score" / "summary.json").read_text())
@@ -256,3 +261,18 @@ def test_demo_config_options(tmp_path: Path) -> None:
     full = demo_run_config(str(tmp_path / "b"), model="m", embed_model="e", full_pool=True, sft_steps=4)
     assert full.input == [str(demo_pool_dir())] and full.stage_names()[-1] == "sft"
     assert full.stage_config("sft").max_steps == 4 and full.stage_config("sft").model == "m"
+
+
+def test_progress_bars_draw_on_a_terminal(tmp_path: Path, tiny_llama: Path) -> None:
+    """On a terminal (a pseudo-terminal 120 columns wide) a stage shows Ray Data's progress bars, one per
+    operator, redrawn in place, besides its own lines; the synthetic scorer keeps it quick."""
+    status, shown = run_cli_in_terminal(
+        "score", "--input", str(demo_quick_pool_dir()), "--output", str(tmp_path / "score"),
+        "--backend", "synthetic", "--complexity-model", str(tiny_llama), "--quality-model", str(tiny_llama),
+    )  # fmt: skip
+    assert status == 0, shown[-3000:]
+    assert "deita-ray score: 4 units planned" in shown
+    bars = [line for line in shown.split("\r") if "row/s]" in line]
+    assert any("Running Dataset" in line for line in bars), shown[-3000:]
+    for operator in ("ReadUnitStage", "ScoreStage", "WriteUnitStage"):
+        assert any(operator in line for line in bars), operator
