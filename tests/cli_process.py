@@ -9,17 +9,23 @@ import sys
 from pathlib import Path
 
 
-def start_cli(*args: str) -> subprocess.Popen:
+def cli_command(*args: str) -> list[str]:
     exe = Path(sys.executable).parent / "deita-ray"
-    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "deita_ray.cli"]
-    env = {
+    return ([str(exe)] if exe.exists() else [sys.executable, "-m", "deita_ray.cli"]) + list(args)
+
+
+def cli_env() -> dict[str, str]:
+    return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
         "TOKENIZERS_PARALLELISM": "false",
     }
+
+
+def start_cli(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        command + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env()
     )
 
 
@@ -48,13 +54,15 @@ def run_cli_in_terminal(
     import termios
     import time
 
-    exe = Path(sys.executable).parent / "deita-ray"
-    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "deita_ray.cli"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TERM": "xterm"}
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     process = subprocess.Popen(
-        command + list(args), stdin=follower, stdout=follower, stderr=follower, env=env, close_fds=True
+        cli_command(*args),
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env={**cli_env(), "TERM": "xterm"},
+        close_fds=True,
     )
     os.close(follower)
     output, deadline = bytearray(), time.monotonic() + timeout
